@@ -1,0 +1,24 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv and install what they need.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: test demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: this wheel lies on the machine's disk (a looser spec pulls a CUDA build).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m lorakit.demo
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,36 @@
+"""lorakit: LoRA fine-tuning for any PyTorch model, a drop-in for PEFT's LoRA."""
+
+from .config import LoraConfig, TaskType
+from .layers import LoraLayer, lora_delta, register_lora_layer
+from .model import LoraModel
+from .modules_to_save import ModulesToSaveWrapper
+from .peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "LoraLayer",
+    "LoraModel",
+    "ModulesToSaveWrapper",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "TaskType",
+    "get_peft_model",
+    "lora_delta",
+    "register_lora_layer",
+]

@@ -1,0 +1,256 @@
+"""LoraConfig: the fields, defaults and meaning of PEFT's LoRA config, validated when it is built.
+
+Validation happens once, at construction, so that a bad value fails where the user typed it and not deep inside
+injection. The config is never mutated by lorakit after that: anything derived from the model (the expanded
+"all-linear" target list, the GPT-2 ``fan_in_fan_out`` flag, a task's extra ``modules_to_save``) lives on a copy
+or on the layers themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+import json
+import numbers
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+CONFIG_NAME = "adapter_config.json"
+
+# Task types PEFT knows; lorakit gives the listed ones their PEFT behaviour and passes the rest through.
+TASK_TYPES = (
+    "SEQ_CLS",
+    "SEQ_2_SEQ_LM",
+    "CAUSAL_LM",
+    "TOKEN_CLS",
+    "QUESTION_ANS",
+    "FEATURE_EXTRACTION",
+)
+
+
+class TaskType(str, enum.Enum):
+    """PEFT's task type names; members compare equal to their strings (``TaskType.CAUSAL_LM == "CAUSAL_LM"``)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+_BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+def _bad(field_name: str, value: Any, allowed: str, kind: type = ValueError) -> Exception:
+    return kind(f"LoraConfig.{field_name}={value!r} is invalid: expected {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_names(field_name: str, value: Any, *, allow_str: bool) -> Any:
+    """Module-name selectors are a regex string or a collection of names; sets become sorted lists."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not allow_str:
+            raise _bad(field_name, value, "a list of module names", TypeError)
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        if not all(isinstance(v, str) for v in value):
+            raise _bad(field_name, value, "module names as strings", TypeError)
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    raise _bad(field_name, value, "a str (regex) or a list of module names", TypeError)
+
+
+def _check_pattern_dict(field_name: str, value: Any, check) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(field_name, value, "a dict {pattern: value}", TypeError)
+    for key, v in value.items():
+        if not isinstance(key, str):
+            raise _bad(field_name, value, "string patterns as keys", TypeError)
+        check(f"{field_name}[{key!r}]", v)
+    return dict(value)
+
+
+def _check_rank(field_name: str, value: Any) -> None:
+    if not _is_int(value):
+        raise _bad(field_name, value, "a positive int", TypeError)
+    if value <= 0:
+        raise _bad(field_name, value, "a positive int")
+
+
+def _check_alpha(field_name: str, value: Any) -> None:
+    if not _is_number(value):
+        raise _bad(field_name, value, "a real number", TypeError)
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of one LoRA adapter; PEFT's field names, defaults and meanings (see SPEC.md)."""
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: Optional[list[str]] = None
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    rank_pattern: Optional[dict] = field(default_factory=dict)
+    alpha_pattern: Optional[dict] = field(default_factory=dict)
+    init_lora_weights: Union[bool, str] = True
+    fan_in_fan_out: bool = False
+    use_rslora: bool = False
+    task_type: Optional[str] = None
+    inference_mode: bool = False
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    peft_type: str = "LORA"
+
+    def __post_init__(self) -> None:
+        _check_rank("r", self.r)
+        _check_alpha("lora_alpha", self.lora_alpha)
+        if not _is_number(self.lora_dropout):
+            raise _bad("lora_dropout", self.lora_dropout, "a float in [0, 1)", TypeError)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise _bad("lora_dropout", self.lora_dropout, "a float in [0, 1)")
+        if self.bias not in _BIAS_CHOICES:
+            raise _bad("bias", self.bias, f"one of {_BIAS_CHOICES}")
+        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
+            raise _bad("init_lora_weights", self.init_lora_weights, "True, False or 'gaussian'")
+        for name in ("fan_in_fan_out", "use_rslora", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "a bool", TypeError)
+        if self.peft_type != "LORA":
+            raise _bad("peft_type", self.peft_type, "'LORA' (lorakit implements LoRA only)")
+        if self.task_type is not None:
+            task = getattr(self.task_type, "value", self.task_type)  # PEFT's or our TaskType enum, or a str
+            if task not in TASK_TYPES:
+                raise _bad("task_type", self.task_type, f"None or one of {TASK_TYPES}")
+            self.task_type = str(task)
+
+        self.target_modules = _check_names("target_modules", self.target_modules, allow_str=True)
+        self.exclude_modules = _check_names("exclude_modules", self.exclude_modules, allow_str=True)
+        self.modules_to_save = _check_names("modules_to_save", self.modules_to_save, allow_str=False)
+        self.rank_pattern = _check_pattern_dict("rank_pattern", self.rank_pattern, _check_rank)
+        self.alpha_pattern = _check_pattern_dict("alpha_pattern", self.alpha_pattern, _check_alpha)
+
+        layers = self.layers_to_transform
+        if layers is not None:
+            if _is_int(layers):
+                if layers < 0:
+                    raise _bad("layers_to_transform", layers, "a non-negative int or a list of them")
+            elif isinstance(layers, (list, tuple)) and all(_is_int(i) and i >= 0 for i in layers):
+                self.layers_to_transform = list(layers)
+            else:
+                raise _bad("layers_to_transform", layers, "a non-negative int or a list of them", TypeError)
+        if self.layers_pattern is not None:
+            if not (isinstance(self.layers_pattern, str) or (
+                isinstance(self.layers_pattern, (list, tuple)) and all(isinstance(p, str) for p in self.layers_pattern)
+            )):
+                raise _bad("layers_pattern", self.layers_pattern, "a str or a list of str", TypeError)
+            if isinstance(self.layers_pattern, tuple):
+                self.layers_pattern = list(self.layers_pattern)
+            if self.layers_to_transform is None:
+                raise ValueError(
+                    f"LoraConfig.layers_pattern={self.layers_pattern!r} needs layers_to_transform: the pattern only "
+                    "names the layer list whose indices layers_to_transform selects"
+                )
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ValueError(
+                f"LoraConfig.layers_to_transform={self.layers_to_transform!r} needs a list target_modules, got the "
+                f"regex {self.target_modules!r}: put the layer indices into the regex instead"
+            )
+
+    # -- serialisation -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """All fields, JSON-ready, in PEFT's adapter_config.json shape."""
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, warn_unknown: bool = True) -> "LoraConfig":
+        """Build from an adapter_config.json dict; fields lorakit does not know are ignored with a warning.
+
+        Newer PEFT releases add fields (DoRA, LoftQ, ...). Fields at their PEFT default change nothing and are
+        dropped quietly; a field set to something lorakit cannot honour is named in the warning.
+        """
+        data = dict(data)
+        peft_type = data.pop("peft_type", "LORA")
+        if peft_type not in ("LORA", None):
+            raise ValueError(f"adapter config has peft_type={peft_type!r}; lorakit loads only 'LORA' adapters")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = {k: v for k, v in data.items() if k not in known}
+        meaningful = {k: v for k, v in unknown.items() if not _is_harmless_default(k, v)}
+        if meaningful and warn_unknown:
+            warnings.warn(
+                f"adapter config fields lorakit does not support were ignored: {sorted(meaningful)}",
+                stacklevel=2,
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **extra: Any) -> None:
+        """Write ``adapter_config.json`` atomically into ``save_directory`` (created if missing)."""
+        from .io import atomic_write_text
+
+        os.makedirs(save_directory, exist_ok=True)
+        data = self.to_dict()
+        data.update(extra)
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, subfolder: Optional[str] = None, **kwargs: Any) -> "LoraConfig":
+        """Read ``adapter_config.json`` from a folder (or a Hub repo id, through huggingface_hub)."""
+        from .io import resolve_file
+
+        config_file = resolve_file(path, CONFIG_NAME, subfolder=subfolder, **kwargs)
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{config_file} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+# Defaults of PEFT fields that lorakit does not implement: loading them at these values changes nothing.
+_HARMLESS_DEFAULTS: dict[str, tuple] = {
+    "auto_mapping": (None,),
+    "use_dora": (False, None),
+    "use_qalora": (False, None),
+    "qalora_group_size": (16, None),
+    "loftq_config": ({}, None),
+    "megatron_config": (None,),
+    "megatron_core": ("megatron.core", None),
+    "layer_replication": (None,),
+    "runtime_config": ({"ephemeral_gpu_offload": False}, {}, None),
+    "eva_config": (None,),
+    "corda_config": (None,),
+    "lora_bias": (False, None),
+    "trainable_token_indices": (None,),
+    "target_parameters": (None, []),
+    "exclude_modules": (None,),
+    "arrow_config": (None,),
+    "ensure_weight_tying": (False, None),
+    "alora_invocation_tokens": (None,),
+    "use_bdlora": (None, False),
+    "bdlora_config": (None,),
+}
+
+
+def _is_harmless_default(key: str, value: Any) -> bool:
+    return any(value == d for d in _HARMLESS_DEFAULTS.get(key, ()))

@@ -1,0 +1,481 @@
+"""The adapted layers: one base class holding per-adapter A/B, one small class per kind of base layer.
+
+Every adapted layer keeps the user's layer untouched as ``base_layer`` and adds, per adapter name, a low-rank
+pair ``lora_A``/``lora_B`` (``lora_embedding_A``/``lora_embedding_B`` for embeddings), a ``scaling`` and a
+dropout, with PEFT's attribute names so state dicts and user code written for PEFT keep working.
+
+The update ``s·B@A`` as a weight is computed by one function, :func:`lora_delta`; forward checks, merge, unmerge
+and export all use it. Merging is exact in both directions: see :func:`merge_weight`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "LoraLayer",
+    "Linear",
+    "Embedding",
+    "Conv",
+    "lora_delta",
+    "merge_weight",
+    "unmerge_weight",
+    "register_lora_layer",
+    "lora_layer_for",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The maths, in one place
+# ----------------------------------------------------------------------------------------------------------------
+def lora_delta(A: Tensor, B: Tensor, scaling: float, weight_shape: Sequence[int], transpose: bool = False) -> Tensor:
+    """``scaling · B @ A`` shaped like the base weight.
+
+    ``A`` is ``r × in`` (convs: ``r × in × k…``), ``B`` is ``out × r`` (convs: ``out × r × 1…``). ``transpose`` is
+    for weights stored ``in × out`` (GPT-2's Conv1D, embeddings). Computed in at least float32.
+    """
+    dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+    delta = B.flatten(1).to(dtype) @ A.flatten(1).to(dtype)
+    if transpose:
+        delta = delta.T
+    return (delta * scaling).reshape(weight_shape)
+
+
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def merge_weight(weight: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """Add ``delta`` to ``weight`` in place, rounding once, and return what exact unmerging needs.
+
+    Rounding ``W + Δ`` to the weight's dtype loses bits, so ``(W + Δ) − Δ`` is not always ``W`` again (PEFT's
+    bf16 drift). Most elements do come back; the few that don't are recorded here (flat index, original value)
+    so :func:`unmerge_weight` restores the original weight bit for bit.
+    """
+    with torch.no_grad():
+        compute = torch.promote_types(weight.dtype, delta.dtype)
+        merged = (weight.to(compute) + delta.to(compute)).to(weight.dtype)
+        back = (merged.to(compute) - delta.to(compute)).to(weight.dtype)
+        bits = _BITS.get(weight.dtype)
+        wrong = back.view(bits) != weight.view(bits) if bits is not None else back != weight
+        index = wrong.flatten().nonzero().squeeze(1)
+        original = weight.flatten()[index].clone()
+        weight.copy_(merged)
+    return index, original
+
+
+def unmerge_weight(weight: Tensor, delta: Tensor, fixups: tuple[Tensor, Tensor]) -> None:
+    """Undo :func:`merge_weight` in place: subtract ``delta`` and put back the recorded elements."""
+    index, original = fixups
+    with torch.no_grad():
+        compute = torch.promote_types(weight.dtype, delta.dtype)
+        back = (weight.to(compute) - delta.to(compute)).to(weight.dtype)
+        back.view(-1)[index] = original
+        weight.copy_(back)
+
+
+def _adapter_dtype(weight: Tensor) -> torch.dtype:
+    """Adapters train in float32 on half-precision bases (PEFT's ``autocast_adapter_dtype``), else in the base's."""
+    if weight.dtype in (torch.float16, torch.bfloat16) or not weight.dtype.is_floating_point:
+        return torch.float32
+    return weight.dtype
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The base class
+# ----------------------------------------------------------------------------------------------------------------
+class LoraLayer(nn.Module):
+    """A base layer plus any number of named low-rank adapters.
+
+    Subclasses say how to build one adapter's factors (:meth:`_create_factors`), how to read them as tensors in
+    PEFT's orientation (:meth:`factors`) and how to add one adapter's output (:meth:`_add_adapter_output`).
+    Everything else (adapter bookkeeping, merge, unmerge, delete) lives here, once.
+    """
+
+    #: names of the ModuleDict/ParameterDict attributes holding per-adapter tensors (for save/load and deletion)
+    adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B")
+    #: ``True`` where the base weight is stored ``in × out``
+    transpose_delta: bool = False
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self._fixups: dict[str, tuple[Tensor, Tensor]] = {}
+        self._own_weight_of: Optional[nn.Parameter] = None  # the shared weight we copied away from on merge
+        self._live: tuple[str, ...] = ()  # adapters the forward adds: active, present, unmerged, not disabled
+
+    # -- construction ---------------------------------------------------------------------------------------------
+    @classmethod
+    def wrap(cls, base_layer: nn.Module) -> "LoraLayer":
+        return cls(base_layer)
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (code written for the bare layer often reads ``layer.weight``)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return getattr(self.base_layer, "bias", None)
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights=True,
+        use_rslora: bool = False,
+    ) -> None:
+        """Add (or replace) the adapter ``adapter_name`` with rank ``r``; its weights follow ``init_lora_weights``."""
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise ValueError(f"rank r={r!r} for adapter {adapter_name!r} is invalid: expected a positive int")
+        weight = self.base_layer.weight
+        with torch.device(weight.device if weight.device.type != "meta" else "cpu"):
+            self._create_factors(adapter_name, r, dtype=_adapter_dtype(weight))
+        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.use_rslora[adapter_name] = use_rslora
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self._refresh()
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
+        """PEFT's initialisations: ``True`` kaiming-uniform A and zero B; ``"gaussian"`` normal A (std 1/r) and
+        zero B; ``False`` leaves both random (a non-zero adapter, for tests)."""
+        if init_lora_weights is False:
+            return
+        A, B = self._factor_params(adapter_name)
+        with torch.no_grad():
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(A, std=1 / self.r[adapter_name])
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+
+    def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def _factor_params(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """The A and B parameters of one adapter (as stored; may be transposed relative to :meth:`factors`)."""
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def factors(self, adapter_name: str) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` in PEFT's orientation: ``A`` is ``r × in…``, ``B`` is ``out × r…``."""
+        return self._factor_params(adapter_name)
+
+    # -- the maths --------------------------------------------------------------------------------------------------
+    def delta_weight(self, adapter_name: str) -> Tensor:
+        """``scaling · B @ A`` shaped (and oriented) like the base weight, in at least float32."""
+        A, B = self.factors(adapter_name)
+        return lora_delta(A, B, self.scaling[adapter_name], self.base_layer.weight.shape, self.transpose_delta)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        for name in self._live:
+            out = self._add_adapter_output(out, x, name)
+        return out
+
+    def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
+        raise NotImplementedError
+
+    # -- adapter bookkeeping ----------------------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
+        """Make ``adapter_names`` the active adapters; their parameters train, the others' don't."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in self.adapter_names:
+            trainable = name in names
+            for layer_name in self.adapter_layer_names:
+                holder = getattr(self, layer_name)
+                if name in holder:
+                    item = holder[name]
+                    for p in item.parameters() if isinstance(item, nn.Module) else [item]:
+                        p.requires_grad_(trainable)
+        self.active_adapters = names
+        self._refresh()
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.disable_adapters = not enabled
+        self._refresh()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the weights; unmerge it before deleting it")
+        for layer_name in self.adapter_layer_names + ("lora_dropout",):
+            holder = getattr(self, layer_name)
+            if adapter_name in holder:
+                del holder[adapter_name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
+            table.pop(adapter_name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Recompute, once per state change, which adapters the forward adds (keeps the hot path free of checks)."""
+        if self.disable_adapters:
+            self._live = ()
+        else:
+            self._live = tuple(a for a in self.active_adapters if a in self.r and a not in self.merged_adapters)
+
+    # -- merging ----------------------------------------------------------------------------------------------------
+    def check_mergeable(self) -> None:
+        """Raise ``ValueError`` where this layer's update cannot be folded into its weight."""
+
+    def check_finite_merge(self, adapter_names: Sequence[str]) -> None:
+        """Raise ``ValueError`` if merging any of ``adapter_names`` would put inf/nan into the weight."""
+        weight = self.base_layer.weight
+        total = weight.to(torch.promote_types(weight.dtype, torch.float32))
+        for name in adapter_names:
+            total = total + self.delta_weight(name)
+            if not torch.isfinite(total.to(weight.dtype)).all():
+                raise ValueError(
+                    f"merging adapter {name!r} would put non-finite values into {type(self.base_layer).__name__}'s "
+                    "weight; nothing was merged"
+                )
+
+    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False, own_weight: bool = False):
+        """Fold adapters (default: the active ones) into the base weight, exactly reversibly (:func:`merge_weight`).
+
+        Adapters already merged are skipped. ``own_weight``: the base weight is shared with another module (tied
+        embeddings), so merge into a private copy and leave the shared one alone. ``safe_merge`` checks for
+        non-finite results before the weight is touched.
+        """
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        names = [n for n in names if n in self.r and n not in self.merged_adapters]
+        if not names:
+            return
+        self.check_mergeable()
+        if safe_merge:
+            self.check_finite_merge(names)
+        if own_weight and self._own_weight_of is None:
+            shared = self.base_layer.weight
+            self.base_layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+            self._own_weight_of = shared
+        for name in names:
+            self._fixups[name] = merge_weight(self.base_layer.weight.data, self.delta_weight(name))
+            self.merged_adapters.append(name)
+        self._refresh()
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter, last merged first, restoring the original weight bit for bit."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            unmerge_weight(self.base_layer.weight.data, self.delta_weight(name), self._fixups.pop(name))
+        if self._own_weight_of is not None:
+            self.base_layer.weight = self._own_weight_of
+            self._own_weight_of = None
+        self._refresh()
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.adapter_names)
+
+
+def _linear_into(out: Tensor, h: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """``out + scaling · h @ B.T`` as one fused matmul-add (in place when no gradient is being recorded)."""
+    shape = out.shape
+    if h.dtype != out.dtype:
+        return out + (h @ B.T * scaling).to(out.dtype)
+    flat_out, flat_h = out.reshape(-1, shape[-1]), h.reshape(-1, h.shape[-1])
+    if not torch.is_grad_enabled() and flat_out.data_ptr() == out.data_ptr() and out.is_contiguous():
+        flat_out.addmm_(flat_h, B.T, alpha=scaling)
+        return out
+    return torch.addmm(flat_out, flat_h, B.T, alpha=scaling).view(shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One class per kind of base layer
+# ----------------------------------------------------------------------------------------------------------------
+class Linear(LoraLayer):
+    """``nn.Linear`` and transformers' GPT-2 ``Conv1D`` (weight stored ``in × out``, detected by class)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        weight = base_layer.weight
+        self.transpose_delta = _is_conv1d(base_layer)
+        self.in_features, self.out_features = (weight.shape if self.transpose_delta else weight.shape[::-1])
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return self.transpose_delta
+
+    def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype) -> None:
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype)
+
+    def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
+        A = self.lora_A[adapter_name].weight
+        h = self.lora_dropout[adapter_name](x.to(A.dtype))
+        return _linear_into(out, F.linear(h, A), self.lora_B[adapter_name].weight, self.scaling[adapter_name])
+
+
+class Embedding(LoraLayer):
+    """``nn.Embedding``: A is ``r × num_embeddings`` and is looked up like the base table, B is ``dim × r``."""
+
+    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
+    transpose_delta = True
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+
+    def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype) -> None:
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features, dtype=dtype))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r, dtype=dtype))
+
+    def _factor_params(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
+        """Reversed roles (PEFT, for True and "gaussian" alike): A starts at zero and B normal, so the looked-up
+        rows start at zero while B's columns already point somewhere."""
+        if init_lora_weights is False:
+            return
+        A, B = self._factor_params(adapter_name)
+        with torch.no_grad():
+            nn.init.zeros_(A)
+            nn.init.normal_(B)
+
+    def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
+        A, B = self._factor_params(adapter_name)
+        base = self.base_layer
+        rows = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        return _linear_into(out, rows, B, self.scaling[adapter_name])
+
+
+class Conv(LoraLayer):
+    """``nn.Conv1d/2d/3d`` of any kernel, stride, padding, dilation, padding mode, and their subclasses.
+
+    A is a conv with the base's geometry and ``r`` output channels, B a 1×1 conv (grouped like the base). For a
+    subclass with its own ``forward`` (e.g. "same"-padding convs), A is a shallow twin of the base layer with its
+    own weight, so the LoRA branch sees exactly the input transformation the base applies.
+    """
+
+    def __init__(self, base_layer: nn.modules.conv._ConvNd) -> None:
+        super().__init__(base_layer)
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        self._kernel_dims = base_layer.weight.dim() - 2
+
+    def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype) -> None:
+        base = self.base_layer
+        groups = base.groups
+        if r % groups:
+            raise ValueError(
+                f"rank r={r} is not divisible by the conv's groups={groups} ({type(base).__name__}); "
+                "choose a rank that is a multiple of groups"
+            )
+        weight = torch.empty(r, base.in_channels, *base.kernel_size, dtype=dtype)
+        conv = _torch_class(base)
+        if type(base).forward is not conv.forward:
+            self.lora_A[adapter_name] = _conv_twin(base, weight)
+        else:
+            self.lora_A[adapter_name] = conv(
+                base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+                bias=False, padding_mode=base.padding_mode, dtype=dtype,
+            )
+        ones = (1,) * self._kernel_dims
+        conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[self._kernel_dims]
+        self.lora_B[adapter_name] = conv_cls(r, self.out_features, ones, ones, groups=groups, bias=False, dtype=dtype)
+
+    def check_mergeable(self) -> None:
+        if self.base_layer.groups > 1:
+            raise ValueError(
+                f"cannot merge LoRA into {type(self.base_layer).__name__} with groups={self.base_layer.groups}: the "
+                "update is a dense conv and does not fit a grouped weight; keep the adapter unmerged"
+            )
+
+    def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
+        A = self.lora_A[adapter_name]
+        h = A(self.lora_dropout[adapter_name](x.to(A.weight.dtype)))
+        y = self.lora_B[adapter_name](h) * self.scaling[adapter_name]
+        return out + y.to(out.dtype)
+
+
+def _torch_class(module: nn.Module) -> type:
+    """The torch.nn class ``module``'s class derives from (itself for a stock layer)."""
+    return next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
+
+
+def _conv_twin(base: nn.Module, weight: Tensor) -> nn.Module:
+    """A shallow copy of ``base`` (same class, same submodules such as padding) that convolves with ``weight``.
+
+    ``groups`` is 1 and there is no bias: the twin computes ``A``'s dense conv through the subclass's own forward.
+    """
+    twin = copy.copy(base)
+    twin._parameters = {}
+    twin._buffers = dict(base._buffers)
+    twin._modules = dict(base._modules)
+    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_state_dict_hooks"):
+        if hasattr(twin, hooks):
+            setattr(twin, hooks, type(getattr(base, hooks))())
+    twin.weight = nn.Parameter(weight)
+    twin.bias = None
+    twin.out_channels, twin.groups = weight.shape[0], 1
+    return twin
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D`` (weight stored ``in × out``), recognised without importing transformers."""
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which layer class adapts which module
+# ----------------------------------------------------------------------------------------------------------------
+_REGISTRY: dict[type, Callable[[nn.Module], LoraLayer]] = {
+    nn.Linear: Linear,
+    nn.Embedding: Embedding,
+    nn.Conv1d: Conv,
+    nn.Conv2d: Conv,
+    nn.Conv3d: Conv,
+}
+
+
+def register_lora_layer(module_type: type, layer_cls: type[LoraLayer]) -> None:
+    """Teach lorakit to adapt ``module_type`` (and its subclasses) with ``layer_cls``.
+
+    ``layer_cls`` subclasses :class:`LoraLayer` and implements ``_create_factors``, ``_add_adapter_output`` and,
+    if its tensors are not ``lora_A[name].weight``/``lora_B[name].weight``, ``_factor_params``. Its base module
+    must have a ``weight`` that ``lora_delta`` can reshape the update into, if it is to be merged.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if not (isinstance(layer_cls, type) and issubclass(layer_cls, LoraLayer)):
+        raise TypeError(f"layer_cls must be a LoraLayer subclass, got {layer_cls!r}")
+    _REGISTRY[module_type] = layer_cls
+
+
+def lora_layer_for(module: nn.Module) -> Optional[Callable[[nn.Module], LoraLayer]]:
+    """The layer class that adapts ``module`` (most specific registered base class wins), or None."""
+    for cls in type(module).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+        if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
+            return Linear
+    return None

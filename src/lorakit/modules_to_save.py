@@ -1,0 +1,66 @@
+"""Fully trained copies of whole modules (a new classifier head, say), one per adapter.
+
+The original module stays untouched in ``original_module``; each adapter gets its own deep copy in
+``modules_to_save[adapter]`` (PEFT's names, so state dicts and saved files line up). Forward runs the active
+adapter's copy, or the original when adapters are disabled or the active adapter has no copy.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+from torch import nn
+
+
+class ModulesToSaveWrapper(nn.Module):
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: Optional[str] = None
+        self.disable_adapters = False
+        self.update(adapter_name)
+
+    def update(self, adapter_name: str, trainable: bool = True) -> None:
+        """Give ``adapter_name`` its own trainable copy of the original module."""
+        module = copy.deepcopy(self.original_module)
+        module.requires_grad_(trainable)
+        self.modules_to_save[adapter_name] = module
+        self.original_module.requires_grad_(False)
+
+    @property
+    def active_module(self) -> nn.Module:
+        name = self.active_adapter
+        if self.disable_adapters or name is None or name not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[name]
+
+    def set_adapter(self, adapter_names) -> None:
+        """Activate one adapter's copy; with several active adapters the first one that has a copy is used."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        chosen = next((n for n in names if n in self.modules_to_save), None)
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name == chosen)
+        self.active_adapter = chosen
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    def forward(self, *args, **kwargs):
+        return self.active_module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        """Attributes of the wrapped module (``weight``, ``out_features``, …) read through to the active copy."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self.active_module, name)

@@ -1,0 +1,223 @@
+"""PeftModel: what ``get_peft_model`` returns; PEFT's user-facing wrapper with its names and behaviour.
+
+``PeftModel.base_model`` is the :class:`~lorakit.model.LoraModel` and ``base_model.model`` the user's model, as
+in PEFT, so parameter names (``base_model.model.…``), Trainer integration and attribute access line up.
+Attributes PeftModel does not have are looked up on the LoraModel, then on the user's model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from typing import Any, Optional, Sequence
+
+from torch import nn
+
+from .config import LoraConfig
+from .model import LoraModel
+
+
+class PeftModel(nn.Module):
+    """A model with LoRA adapters. Build one with :func:`get_peft_model` or :meth:`PeftModel.from_pretrained`."""
+
+    #: modules a task type trains in full besides the adapters (PEFT's choice per task)
+    task_modules_to_save: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs: Any):
+        super().__init__()
+        config = self._prepare_config(model, peft_config)
+        self.base_model = LoraModel(model, config, adapter_name)
+
+    def _prepare_config(self, model: nn.Module, config: LoraConfig) -> LoraConfig:
+        """A private copy of the user's config with what lorakit derives from the model filled in."""
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"peft_config must be a lorakit LoraConfig, got {type(config).__name__}")
+        config = copy.deepcopy(config)
+        if self.task_modules_to_save:
+            extra = [m for m in self.task_modules_to_save if m not in (config.modules_to_save or [])]
+            config.modules_to_save = list(config.modules_to_save or []) + extra
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+        return config
+
+    # -- pass-through --------------------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any):
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":  # during __init__: don't recurse
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    # -- adapters ----------------------------------------------------------------------------------------------------
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.base_model.active_adapters)
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a new adapter (inactive until :meth:`set_adapter`)."""
+        self.base_model.inject_adapter(self._prepare_config(self.get_base_model(), peft_config), adapter_name)
+        self.base_model.set_adapter(self.base_model.active_adapters)
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """``with model.disable_adapter():`` runs the base model alone; the previous state returns afterwards."""
+        with self.base_model.disable_adapter():
+            yield
+
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", **kwargs) -> None:
+        self.base_model.add_weighted_adapter(adapters, weights, adapter_name, combination_type, **kwargs)
+
+    # -- counting ------------------------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts of the whole adapted model, shared tensors counted once (PEFT's
+        numbers)."""
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # -- persistence (see lorakit.checkpoint) ---------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: Optional[Sequence[str]] = None,
+        safe_serialization: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        from .checkpoint import save_adapters
+
+        save_adapters(self, save_directory, selected_adapters, safe_serialization, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: Optional[LoraConfig] = None,
+        subfolder: Optional[str] = None,
+        revision: Optional[str] = None,
+        **kwargs: Any,
+    ) -> "PeftModel":
+        from .checkpoint import load_peft_model
+
+        return load_peft_model(cls, model, model_id, adapter_name, is_trainable, config, subfolder, revision, **kwargs)
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        subfolder: Optional[str] = None,
+        revision: Optional[str] = None,
+        **kwargs: Any,
+    ) -> None:
+        from .checkpoint import load_adapter_into
+
+        load_adapter_into(self, model_id, adapter_name, is_trainable, subfolder, revision, **kwargs)
+
+
+class PeftModelForCausalLM(PeftModel):
+    pass
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    pass
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    pass
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    task_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForTokenClassification(PeftModel):
+    task_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    task_modules_to_save = ("qa_outputs",)
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
+    "CAUSAL_LM": PeftModelForCausalLM,
+    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
+    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
+    "SEQ_CLS": PeftModelForSequenceClassification,
+    "TOKEN_CLS": PeftModelForTokenClassification,
+    "QUESTION_ANS": PeftModelForQuestionAnswering,
+}
+
+
+def peft_model_class(task_type: Optional[str]) -> type[PeftModel]:
+    return MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task_type, PeftModel) if task_type else PeftModel
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: LoraConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: Optional[str] = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Wrap ``model`` with a LoRA adapter named ``adapter_name``; only the adapter's parameters train.
+
+    The user's config object is not modified (lorakit works on a copy). The returned class follows
+    ``peft_config.task_type`` as in PEFT (e.g. SEQ_CLS also trains ``classifier``/``score`` in full).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if mixed:
+        raise ValueError("mixed=True (PEFT's mixed adapter types) is not supported: lorakit implements LoRA only")
+    return peft_model_class(getattr(peft_config, "task_type", None))(model, peft_config, adapter_name)
