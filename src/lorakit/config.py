@@ -153,7 +153,9 @@ class LoraConfig:
             if _is_int(layers):
                 if layers < 0:
                     raise _bad("layers_to_transform", layers, "a non-negative int or a list of them")
-            elif isinstance(layers, (list, tuple)) and all(_is_int(i) and i >= 0 for i in layers):
+            elif isinstance(layers, (list, tuple)) and all(_is_int(i) for i in layers):
+                if any(i < 0 for i in layers):
+                    raise _bad("layers_to_transform", layers, "non-negative layer indices")
                 self.layers_to_transform = list(layers)
             else:
                 raise _bad("layers_to_transform", layers, "a non-negative int or a list of them", TypeError)

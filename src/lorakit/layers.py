@@ -155,6 +155,7 @@ class LoraLayer(nn.Module):
         self.use_rslora[adapter_name] = use_rslora
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self.train(self.base_layer.training)  # new parts follow the mode of the layer they adapt
         self._refresh()
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:

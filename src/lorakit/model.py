@@ -51,6 +51,7 @@ class LoraModel(nn.Module):
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.model = model
+        self.training = model.training
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         self._requires_grad_before: dict[str, bool] = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -28,6 +28,7 @@ class PeftModel(nn.Module):
         super().__init__()
         config = self._prepare_config(model, peft_config)
         self.base_model = LoraModel(model, config, adapter_name)
+        self.training = model.training
 
     def _prepare_config(self, model: nn.Module, config: LoraConfig) -> LoraConfig:
         """A private copy of the user's config with what lorakit derives from the model filled in."""
