@@ -411,6 +411,10 @@ class Conv(LoraLayer):
                 "update is a dense conv and does not fit a grouped weight; keep the adapter unmerged"
             )
 
+    def delta_weight(self, adapter_name: str) -> Tensor:
+        self.check_mergeable()
+        return super().delta_weight(adapter_name)
+
     def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
         A = self.lora_A[adapter_name]
         h = A(self.lora_dropout[adapter_name](x.to(A.weight.dtype)))
@@ -436,6 +440,7 @@ def _conv_twin(base: nn.Module, weight: Tensor) -> nn.Module:
         if hasattr(twin, hooks):
             setattr(twin, hooks, type(getattr(base, hooks))())
     twin.weight = nn.Parameter(weight)
+    nn.init.kaiming_uniform_(twin.weight, a=math.sqrt(5))  # what a fresh conv would hold (init_lora_weights=False)
     twin.bias = None
     twin.out_channels, twin.groups = weight.shape[0], 1
     return twin
