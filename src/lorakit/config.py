@@ -251,8 +251,15 @@ _HARMLESS_DEFAULTS: dict[str, tuple] = {
     "alora_invocation_tokens": (None,),
     "use_bdlora": (None, False),
     "bdlora_config": (None,),
+    "kasa_config": (None,),
+    "lora_ga_config": (None,),
+    "monteclora_config": (None,),
+    "velora_config": (None,),
 }
+
+# Written by PEFT / lorakit to describe the file, not the adapter: dropped quietly whatever their value.
+_METADATA_FIELDS = ("peft_version", "lorakit_version", "auto_mapping")
 
 
 def _is_harmless_default(key: str, value: Any) -> bool:
-    return any(value == d for d in _HARMLESS_DEFAULTS.get(key, ()))
+    return key in _METADATA_FIELDS or any(value == d for d in _HARMLESS_DEFAULTS.get(key, ()))

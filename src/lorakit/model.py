@@ -98,6 +98,8 @@ class LoraModel(nn.Module):
 
         ``state_dict`` (keys as :meth:`adapter_state` gives them) fills the new adapter's tensors; it must match
         them exactly (no missing or unexpected keys, same shapes), else ``ValueError`` and nothing changes.
+        It may also be a callable that gets the adapter's expected tensors ``{key: tensor}`` and returns that dict:
+        file formats (lorakit.convert) can only map their keys once the adapter's layers exist.
         """
         if not isinstance(config, LoraConfig):
             raise TypeError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
@@ -200,6 +202,8 @@ class LoraModel(nn.Module):
         """Copy ``state_dict`` into the adapter's tensors after checking every key and shape (nothing is copied
         if anything is off)."""
         own = self.adapter_state(adapter_name)
+        if callable(state_dict):
+            state_dict = state_dict(own)
         missing = sorted(set(own) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(own))
         if missing or unexpected:
