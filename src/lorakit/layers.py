@@ -13,11 +13,14 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .kernels import add_dropped_lora, add_lora, add_lora_rows
 
 __all__ = [
     "LoraLayer",
@@ -87,6 +90,26 @@ def _adapter_dtype(weight: Tensor) -> torch.dtype:
     return weight.dtype
 
 
+@dataclass(frozen=True)
+class RowAdapters:
+    """Which adapter each batch row uses in a mixed batch: ``index[n] = i`` means ``names[i-1]``; 0 is the base.
+
+    A layer that sees ``k`` times as many rows (beam search, ``num_return_sequences``, or tokens flattened
+    batch-major) gives each original row's adapter to its ``k`` consecutive copies.
+    """
+
+    names: tuple[str, ...]
+    index: Tensor
+
+    def for_batch(self, n: int) -> Tensor:
+        rows = self.index.shape[0]
+        if n == rows:
+            return self.index
+        if n % rows == 0:
+            return self.index.repeat_interleave(n // rows)
+        raise ValueError(f"adapter_names has {rows} entries but a layer received a batch of {n} rows")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The base class
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,12 +136,15 @@ class LoraLayer(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
+        self.dropout_p: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self._fixups: dict[str, tuple[Tensor, Tensor]] = {}
         self._own_weight_of: Optional[nn.Parameter] = None  # the shared weight we copied away from on merge
         self._live: tuple[str, ...] = ()  # adapters the forward adds: active, present, unmerged, not disabled
+        self._rows: Optional[RowAdapters] = None  # set for the length of one mixed-batch call
+        self._stack_cache: Optional[tuple] = None
 
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod
@@ -150,6 +176,7 @@ class LoraLayer(nn.Module):
         with torch.device(weight.device if weight.device.type != "meta" else "cpu"):
             self._create_factors(adapter_name, r, dtype=_adapter_dtype(weight))
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.dropout_p[adapter_name] = float(lora_dropout)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = use_rslora
@@ -160,16 +187,18 @@ class LoraLayer(nn.Module):
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
         """PEFT's initialisations: ``True`` kaiming-uniform A and zero B; ``"gaussian"`` normal A (std 1/r) and
-        zero B; ``False`` leaves both random (a non-zero adapter, for tests)."""
-        if init_lora_weights is False:
-            return
+        zero B; ``False`` both kaiming-uniform (a non-zero adapter, for tests). Factors are created uninitialised,
+        so this is the only initialisation they get."""
         A, B = self._factor_params(adapter_name)
         with torch.no_grad():
             if init_lora_weights == "gaussian":
                 nn.init.normal_(A, std=1 / self.r[adapter_name])
             else:
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            nn.init.zeros_(B)
+            if init_lora_weights is False:
+                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(B)
 
     def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype) -> None:
         raise NotImplementedError
@@ -190,9 +219,53 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self._rows is not None:
+            return self._add_row_outputs(out, x, self._rows)
         for name in self._live:
             out = self._add_adapter_output(out, x, name)
         return out
+
+    # -- mixed batches: a different adapter per batch row ----------------------------------------------------------
+    def _add_row_outputs(self, out: Tensor, x: Tensor, rows: "RowAdapters") -> Tensor:
+        """Each row gets its own adapter's output. This general version runs each adapter on its rows; layer
+        kinds with a batched path (Linear, Embedding) override it."""
+        index = rows.for_batch(x.shape[0])
+        for i, name in enumerate(rows.names, start=1):
+            if name not in self.r:
+                continue
+            picked = (index == i).nonzero().squeeze(1)
+            if picked.numel():
+                out = out.index_copy(0, picked, self._add_adapter_output(out[picked], x[picked], name))
+        return out
+
+    def _stacked_factors(self, names: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``A`` of every adapter in ``names`` as ``(K+1, r_max, in)`` and ``scaling·B`` as ``(K+1, out, r_max)``;
+        slot 0 (the base model) and adapters this layer lacks are zeros, smaller ranks are zero-padded.
+
+        Cached while no gradient is recorded, keyed on the tensors' version counters (in-place updates, such
+        as an optimizer step or a load, invalidate it).
+        """
+        parts = [self.factors(n) if n in self.r else None for n in names]
+        tensors = [t for pair in parts if pair for t in pair]
+        key = (tuple(names), tuple((id(t), t._version) for t in tensors))
+        if not torch.is_grad_enabled() and self._stack_cache is not None and self._stack_cache[0] == key:
+            return self._stack_cache[1]
+        any_A, any_B = next(pair for pair in parts if pair)
+        r_max = max(self.r[n] for n in names if n in self.r)
+        As = [any_A.new_zeros(r_max, *any_A.shape[1:])]
+        Bs = [any_B.new_zeros(any_B.shape[0], r_max)]
+        for name, pair in zip(names, parts):
+            if pair is None:
+                As.append(As[0])
+                Bs.append(Bs[0])
+            else:
+                A, B = pair
+                As.append(F.pad(A, (0, 0, 0, r_max - A.shape[0])))
+                Bs.append(F.pad(B, (0, r_max - B.shape[1])) * self.scaling[name])
+        A_stack, B_stack = torch.stack(As), torch.stack(Bs)
+        if not torch.is_grad_enabled():
+            self._stack_cache = (key, (A_stack, B_stack))
+        return A_stack, B_stack
 
     def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
         raise NotImplementedError
@@ -231,7 +304,7 @@ class LoraLayer(nn.Module):
             holder = getattr(self, layer_name)
             if adapter_name in holder:
                 del holder[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
+        for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.dropout_p):
             table.pop(adapter_name, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
         self._refresh()
@@ -296,18 +369,6 @@ class LoraLayer(nn.Module):
         return ", ".join(f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.adapter_names)
 
 
-def _linear_into(out: Tensor, h: Tensor, B: Tensor, scaling: float) -> Tensor:
-    """``out + scaling · h @ B.T`` as one fused matmul-add (in place when no gradient is being recorded)."""
-    shape = out.shape
-    if h.dtype != out.dtype:
-        return out + (h @ B.T * scaling).to(out.dtype)
-    flat_out, flat_h = out.reshape(-1, shape[-1]), h.reshape(-1, h.shape[-1])
-    if not torch.is_grad_enabled() and flat_out.data_ptr() == out.data_ptr() and out.is_contiguous():
-        flat_out.addmm_(flat_h, B.T, alpha=scaling)
-        return out
-    return torch.addmm(flat_out, flat_h, B.T, alpha=scaling).view(shape)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # One class per kind of base layer
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,13 +386,30 @@ class Linear(LoraLayer):
         return self.transpose_delta
 
     def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype) -> None:
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype)
+        self.lora_A[adapter_name] = _uninitialised(nn.Linear, self.in_features, r, bias=False, dtype=dtype)
+        self.lora_B[adapter_name] = _uninitialised(nn.Linear, r, self.out_features, bias=False, dtype=dtype)
 
     def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
         A = self.lora_A[adapter_name].weight
-        h = self.lora_dropout[adapter_name](x.to(A.dtype))
-        return _linear_into(out, F.linear(h, A), self.lora_B[adapter_name].weight, self.scaling[adapter_name])
+        B = self.lora_B[adapter_name].weight
+        if x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        p = self.dropout_p[adapter_name]
+        if p and self.training:
+            return add_dropped_lora(out, x, A, B, self.scaling[adapter_name], p)
+        return add_lora(out, F.linear(x, A), B, self.scaling[adapter_name])
+
+    def _add_row_outputs(self, out: Tensor, x: Tensor, rows: "RowAdapters") -> Tensor:
+        index = rows.for_batch(x.shape[0])
+        A_stack, B_stack = self._stacked_factors(rows.names)
+        if x.dtype != A_stack.dtype:
+            x = x.to(A_stack.dtype)
+        if self.training:
+            p = x.new_tensor([0.0] + [self.dropout_p.get(n, 0.0) for n in rows.names])[index]
+            if p.any():
+                p = p.view(-1, *([1] * (x.dim() - 1)))
+                x = x * torch.bernoulli((1 - p).expand_as(x)) / (1 - p)
+        return add_lora_rows(out, x, A_stack[index], B_stack[index])
 
 
 class Embedding(LoraLayer):
@@ -347,27 +425,42 @@ class Embedding(LoraLayer):
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
 
     def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype) -> None:
-        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features, dtype=dtype))
-        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r, dtype=dtype))
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype))
 
     def _factor_params(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
         return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
         """Reversed roles (PEFT, for True and "gaussian" alike): A starts at zero and B normal, so the looked-up
-        rows start at zero while B's columns already point somewhere."""
-        if init_lora_weights is False:
-            return
+        rows start at zero while B's columns already point somewhere. ``False``: both normal."""
         A, B = self._factor_params(adapter_name)
         with torch.no_grad():
-            nn.init.zeros_(A)
+            if init_lora_weights is False:
+                nn.init.normal_(A)
+            else:
+                nn.init.zeros_(A)
             nn.init.normal_(B)
+
+    def _lookup(self, ids: Tensor, table: Tensor) -> Tensor:
+        base = self.base_layer
+        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                           base.sparse)
 
     def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
         A, B = self._factor_params(adapter_name)
-        base = self.base_layer
-        rows = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-        return _linear_into(out, rows, B, self.scaling[adapter_name])
+        return add_lora(out, self._lookup(x, A.T), B, self.scaling[adapter_name])
+
+    def _add_row_outputs(self, out: Tensor, x: Tensor, rows: "RowAdapters") -> Tensor:
+        """One lookup in all adapters' A tables laid end to end, then one batched matmul with each row's B."""
+        index = rows.for_batch(x.shape[0])
+        A_stack, B_stack = self._stacked_factors(rows.names)  # (K+1, r, num), (K+1, dim, r)
+        tables = A_stack.transpose(1, 2).reshape(-1, A_stack.shape[1])  # ((K+1)·num, r)
+        offset = (index * self.in_features).view(-1, *([1] * (x.dim() - 1)))
+        h = F.embedding(x + offset, tables)
+        n = x.shape[0]
+        y = torch.bmm(h.reshape(n, -1, h.shape[-1]), B_stack[index].transpose(1, 2))
+        return out + y.view(out.shape).to(out.dtype)
 
 
 class Conv(LoraLayer):
@@ -396,13 +489,15 @@ class Conv(LoraLayer):
         if type(base).forward is not conv.forward:
             self.lora_A[adapter_name] = _conv_twin(base, weight)
         else:
-            self.lora_A[adapter_name] = conv(
-                base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+            self.lora_A[adapter_name] = _uninitialised(
+                conv, base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
                 bias=False, padding_mode=base.padding_mode, dtype=dtype,
             )
         ones = (1,) * self._kernel_dims
         conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[self._kernel_dims]
-        self.lora_B[adapter_name] = conv_cls(r, self.out_features, ones, ones, groups=groups, bias=False, dtype=dtype)
+        self.lora_B[adapter_name] = _uninitialised(
+            conv_cls, r, self.out_features, ones, ones, groups=groups, bias=False, dtype=dtype
+        )
 
     def check_mergeable(self) -> None:
         if self.base_layer.groups > 1:
@@ -420,6 +515,12 @@ class Conv(LoraLayer):
         h = A(self.lora_dropout[adapter_name](x.to(A.weight.dtype)))
         y = self.lora_B[adapter_name](h) * self.scaling[adapter_name]
         return out + y.to(out.dtype)
+
+
+def _uninitialised(cls: type, *args, **kwargs) -> nn.Module:
+    """``cls(*args, **kwargs)`` with its parameters allocated but not initialised (reset_lora_parameters does it
+    once; building then re-initialising would be twice the work)."""
+    return torch.nn.utils.skip_init(cls, *args, device=torch.get_default_device(), **kwargs)
 
 
 def _torch_class(module: nn.Module) -> type:
@@ -440,7 +541,6 @@ def _conv_twin(base: nn.Module, weight: Tensor) -> nn.Module:
         if hasattr(twin, hooks):
             setattr(twin, hooks, type(getattr(base, hooks))())
     twin.weight = nn.Parameter(weight)
-    nn.init.kaiming_uniform_(twin.weight, a=math.sqrt(5))  # what a fresh conv would hold (init_lora_weights=False)
     twin.bias = None
     twin.out_channels, twin.groups = weight.shape[0], 1
     return twin
