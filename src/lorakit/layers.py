@@ -220,7 +220,8 @@ class LoraLayer(nn.Module):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self._rows is not None:
-            return self._add_row_outputs(out, x, self._rows)
+            rows = self._rows
+            return self._add_row_outputs(out, x, rows) if any(n in self.r for n in rows.names) else out
         for name in self._live:
             out = self._add_adapter_output(out, x, name)
         return out

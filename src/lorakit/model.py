@@ -17,9 +17,20 @@ import torch
 from torch import Tensor, nn
 
 from .config import LoraConfig
-from .layers import LoraLayer, lora_layer_for
+from .layers import LoraLayer, RowAdapters, lora_layer_for
 from .modules_to_save import ModulesToSaveWrapper
 from .targeting import inside_any, list_entry_matches, select_targets
+
+
+BASE = "__base__"  # in adapter_names: this row runs the base model alone
+
+
+def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
+    """Rows in the call's main input (input_ids, inputs_embeds, pixel_values, … or the first tensor argument)."""
+    for value in (*(kwargs.get(k) for k in ("input_ids", "inputs_embeds", "pixel_values", "sample", "x")), *args):
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
 
 
 def _parent_and_child(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -59,8 +70,43 @@ class LoraModel(nn.Module):
         self.set_adapter(adapter_name)
 
     # -- pass-through ---------------------------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
+        with self.mixed_batch(adapter_names, _batch_size(args, kwargs)):
+            return self.model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: Optional[Sequence[str]], batch_size: Optional[int] = None):
+        """Inside the block, batch row ``n`` runs adapter ``adapter_names[n]`` (``"__base__"``: no adapter).
+
+        Every adapted layer adds all rows' updates in one batched computation; modules_to_save run per row
+        too. Gradients flow to each row's adapter, so mixed batches also train. ``None`` does nothing.
+        """
+        if adapter_names is None:
+            yield
+            return
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise ValueError(f"adapter_names must be a list of adapter names, one per batch row; got {adapter_names!r}")
+        if batch_size is not None and len(adapter_names) != batch_size:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch_size} rows")
+        unique = tuple(dict.fromkeys(n for n in adapter_names if n != BASE))
+        unknown = [n for n in unique if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; this model has "
+                             f"{list(self.peft_config)} (and {BASE!r} for none)")
+        merged = self.merged_adapter_names()
+        if merged:
+            raise ValueError(f"adapter(s) {merged} are merged into the weights; unmerge_adapter() before a mixed batch")
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        index = torch.tensor([0 if n == BASE else unique.index(n) + 1 for n in adapter_names], device=device)
+        rows = RowAdapters(unique, index)
+        modules = list(self._adapter_modules())
+        for module in modules:
+            module._rows = rows
+        try:
+            yield
+        finally:
+            for module in modules:
+                module._rows = None
 
     def __getattr__(self, name: str):
         try:

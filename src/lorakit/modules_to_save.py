@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
+import torch
 from torch import nn
 
 
@@ -20,6 +21,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: Optional[str] = None
         self.disable_adapters = False
+        self._rows = None  # set by LoraModel.mixed_batch for one call
         self.update(adapter_name)
 
     def update(self, adapter_name: str, trainable: bool = True) -> None:
@@ -54,7 +56,21 @@ class ModulesToSaveWrapper(nn.Module):
             self.active_adapter = None
 
     def forward(self, *args, **kwargs):
+        if self._rows is not None and args and torch.is_tensor(args[0]):
+            return self._forward_rows(*args, **kwargs)
         return self.active_module(*args, **kwargs)
+
+    def _forward_rows(self, x, *args, **kwargs):
+        """Mixed batch: each group of rows through its adapter's copy (or the original), then back in order."""
+        index = self._rows.for_batch(x.shape[0])
+        pieces, order = [], []
+        for i, name in enumerate((None, *self._rows.names)):
+            picked = (index == i).nonzero().squeeze(1)
+            if picked.numel():
+                module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+                pieces.append(module(x[picked], *args, **kwargs))
+                order.append(picked)
+        return torch.cat(pieces)[torch.argsort(torch.cat(order))]
 
     def __getattr__(self, name: str):
         """Attributes of the wrapped module (``weight``, ``out_features``, …) read through to the active copy."""

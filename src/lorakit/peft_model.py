@@ -43,11 +43,18 @@ class PeftModel(nn.Module):
         return config
 
     # -- pass-through --------------------------------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any):
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any):
+        """The base model's forward; ``adapter_names`` (one per batch row, ``"__base__"`` for none) runs a mixed
+        batch."""
+        return self.base_model(*args, adapter_names=adapter_names, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any):
-        return self.get_base_model().generate(*args, **kwargs)
+    def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any):
+        """The base model's ``generate``; with ``adapter_names`` each prompt keeps its adapter through every step
+        (beams and returned sequences inherit their prompt's adapter)."""
+        from .model import _batch_size
+
+        with self.base_model.mixed_batch(adapter_names, _batch_size(args, kwargs)):
+            return self.get_base_model().generate(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
