@@ -58,7 +58,6 @@ __all__ = [
     "add_weighted_adapter",
     "concat_factors",
     "combine_factors",
-    "combine_deltas",
     "merge_tensors",
     "magnitude_prune",
     "random_prune",
@@ -177,22 +176,6 @@ def truncated_svd(
         high = torch.quantile(torch.cat([B.flatten(), A.flatten()]), clamp)
         A, B = A.clamp(-high, high), B.clamp(-high, high)
     return A, B
-
-
-def combine_deltas(
-    method: str,
-    deltas: Sequence[Tensor],
-    weights: Sequence[float],
-    rank: int,
-    clamp: Optional[float] = None,
-    full_matrices: bool = True,
-    driver: Optional[str] = None,
-    **merge_kwargs,
-) -> tuple[Tensor, Tensor]:
-    """The ``svd`` family: merge the full updates ``ΔWᵢ`` (``m × n``) by ``method`` with ``weights``, then
-    :func:`truncated_svd` to ``rank``."""
-    merged = merge_tensors(method, deltas, weights, **merge_kwargs)
-    return truncated_svd(merged, rank, clamp, full_matrices, driver)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -361,11 +344,11 @@ def _combine_layer(layer, present, kind, method, svd_rank, clamp, full_matrices,
                                  f"ranks, got {ranks}; use 'cat' or 'svd' for adapters of different ranks")
             A, B = combine_factors(method, flat, [w * layer.scaling[a] for a, w in present], **merge_kwargs)
         else:
+            # merged as the weights are stored (PEFT's order, so the same DARE masks), decomposed as out × in·k…
+            merged = merge_tensors(method, [layer.delta_weight(a) for a in names], [w for _, w in present],
+                                   **merge_kwargs)
             m, n = flat[0][1].shape[0], flat[0][0].shape[1]
-            deltas = [_as_matrix(layer, layer.delta_weight(a), m) for a in names]
-            rank = min(svd_rank, m, n)
-            A, B = combine_deltas(method, deltas, [w for _, w in present], rank, clamp, full_matrices, driver,
-                                  **merge_kwargs)
+            A, B = truncated_svd(_as_matrix(layer, merged, m), min(svd_rank, m, n), clamp, full_matrices, driver)
     r = A.shape[0]
     return A.reshape(r, *A0.shape[1:]), B.reshape(B0.shape[0], r, *B0.shape[2:])
 
