@@ -1,46 +1,81 @@
-"""Files: atomic writes and finding an adapter's files in a folder or on the Hugging Face Hub."""
+"""Files: atomic writes, and finding an adapter's files in a local folder or on the Hugging Face Hub.
+
+Writes go to a temporary file beside the target, are flushed to disk, and only then renamed over the target, so
+a write that fails midway (full disk, killed process) leaves the previous file whole. Several files that belong
+together (an adapter's config and weights) are all staged before the first rename.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
+
+#: keyword arguments passed on to ``huggingface_hub.hf_hub_download`` when a name is a Hub repo id
+HUB_KWARGS = ("cache_dir", "token", "local_files_only", "force_download", "repo_type")
+
+
+def atomic_write_many(files: Mapping[str | os.PathLike, Callable[[str], None]]) -> None:
+    """For each ``path: write``, call ``write(tmp_path)`` on a temporary file beside ``path``; once every file is
+    written and flushed to disk, rename them into place.
+
+    If any write fails, no target is touched and the temporary files are removed. The renames come last and
+    cannot run out of space, so the files are replaced together (a crash between two renames is the only window).
+    """
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, write in files.items():
+            path = Path(path)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            staged.append((tmp, path))
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    for folder in {path.parent for _, path in staged}:
+        _fsync_dir(folder)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    atomic_write_many({path: write})
 
-    A write that fails midway (full disk, killed process) leaves the previous file whole.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress():
-            os.unlink(tmp)
-        raise
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-class _suppress:
-    def __enter__(self):
-        return self
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames themselves durable (where the platform allows opening a folder)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
-    def __exit__(self, *exc):
-        return True
+
+def _looks_local(name: str) -> bool:
+    """A name a Hub repo id cannot be (``owner/name`` or ``name``): absolute, relative with dots, home, or deeper."""
+    return (
+        os.path.isabs(name)
+        or name.startswith(("./", "../", "~", ".\\", "..\\"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    )
 
 
 def resolve_file(
@@ -50,29 +85,46 @@ def resolve_file(
     revision: Optional[str] = None,
     **kwargs,
 ) -> str:
-    """Path of ``filename`` in a local folder, else in a Hub repo through huggingface_hub (cache and offline mode
-    honoured). Raises ``FileNotFoundError`` naming what was looked for."""
-    folder = Path(path_or_repo) / subfolder if subfolder else Path(path_or_repo)
-    if folder.is_dir():
+    """Path of ``filename`` in a local folder, else in a Hub repo through ``huggingface_hub``.
+
+    A name that is an existing folder (or looks like a path) is local and never sent to the Hub. Otherwise it is a
+    repo id, resolved with ``hf_hub_download``, which honours the Hub cache and offline mode (``HF_HUB_OFFLINE``);
+    ``kwargs`` named in :data:`HUB_KWARGS` are passed on. Raises ``FileNotFoundError`` naming what was looked for.
+    """
+    name = os.fspath(path_or_repo)
+    folder = Path(name) / subfolder if subfolder else Path(name)
+    if Path(name).is_dir():
         candidate = folder / filename
         if not candidate.is_file():
-            raise FileNotFoundError(f"{candidate} does not exist (looked for {filename} in {folder})")
+            where = f"{folder} does not exist" if not folder.is_dir() else f"no {filename} in {folder}"
+            raise FileNotFoundError(f"{candidate}: {where}")
         return str(candidate)
-    if Path(path_or_repo).exists() or os.sep in str(path_or_repo).rstrip(os.sep).lstrip(".") and str(path_or_repo).count("/") > 1:
-        raise FileNotFoundError(f"{folder} is not a folder holding {filename}")
+    if Path(name).exists():
+        raise FileNotFoundError(f"{name} is a file; expected a folder holding {filename} (or a Hub repo id)")
+    if _looks_local(name):
+        raise FileNotFoundError(f"{name}: no such folder (looked for {filename} in it)")
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import EntryNotFoundError, HFValidationError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HFValidationError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
     except ImportError:
         raise FileNotFoundError(
-            f"{path_or_repo} is not a local folder, and huggingface_hub (needed for Hub repo ids) is not installed"
+            f"{name} is not a local folder, and huggingface_hub (needed for Hub repo ids) is not installed"
         ) from None
     try:
         return hf_hub_download(
-            str(path_or_repo), filename, subfolder=subfolder, revision=revision,
-            **{k: v for k, v in kwargs.items() if k in ("cache_dir", "token", "local_files_only")},
+            name, filename, subfolder=subfolder, revision=revision, **{k: v for k, v in kwargs.items() if k in HUB_KWARGS}
         )
-    except (HFValidationError, EntryNotFoundError) as e:
-        raise FileNotFoundError(f"{path_or_repo}: no folder of that name, and no {filename} in a Hub repo: {e}") from None
-    except Exception as e:  # offline, network, missing repo: all mean "not found" for the user
-        raise FileNotFoundError(f"could not find {filename} for {path_or_repo!r} locally or on the Hub: {e}") from None
+    except HFValidationError as e:
+        raise FileNotFoundError(f"{name} is neither a local folder nor a valid Hub repo id ({e})") from None
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as e:
+        # EntryNotFoundError covers LocalEntryNotFoundError: offline (or not cached) and not in the cache.
+        where = f"{subfolder}/{filename}" if subfolder else filename
+        raise FileNotFoundError(
+            f"{where} not found for {name!r}: not a local folder, and the Hub (or its cache, when offline) does not "
+            f"have it at revision {revision or 'main'}: {type(e).__name__}: {e}"
+        ) from None

@@ -1,0 +1,455 @@
+"""Saving and loading adapters in PEFT's on-disk format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Saving: every file is staged beside its target and renamed into place only once all of an adapter's files are
+fully written (:mod:`lorakit.io`), so a failed save leaves the previous adapter whole. Nothing is pickled unless
+``safe_serialization=False`` asks for PEFT's ``adapter_model.bin``.
+
+Loading: the files are read and parsed first; then the adapter is added with the file's tensors, and every key
+and shape is checked before any tensor of the model changes (:meth:`lorakit.LoraModel.inject_adapter`). A
+failure of any kind leaves the model as it was: ``load_adapter`` removes nothing that was there, and
+``from_pretrained`` hands the user's model back unwrapped. A pickled ``.bin`` is read only with
+``allow_pickle=True``, because unpickling can run code.
+
+Key names are translated by :mod:`lorakit.convert`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import convert
+from .config import CONFIG_NAME, LoraConfig
+from .io import HUB_KWARGS, atomic_write_many, resolve_file
+from .layers import Linear as LoraLinear
+from .layers import LoraLayer
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+#: PEFT's names for embedding layers: targeting one makes ``save_embedding_layers="auto"`` save the base weights
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+# Keyword arguments of from_pretrained / load_adapter besides the Hub's: ours, and PEFT's that change nothing here
+# (adapter tensors always follow their base layer's device; adapters on half-precision bases are float32).
+_LOAD_OPTIONS = {"allow_pickle": False, "low_cpu_mem_usage": None, "torch_device": None, "autocast_adapter_dtype": True}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------------------------
+def save_adapters(
+    peft_model,
+    save_directory: str | os.PathLike,
+    selected_adapters: Optional[Sequence[str]] = None,
+    safe_serialization: bool = True,
+    *,
+    save_embedding_layers: bool | str = "auto",
+    is_main_process: bool = True,
+    **kwargs: Any,
+) -> None:
+    """Write each selected adapter (default: all) in PEFT's format: ``default`` into ``save_directory``, any
+    other adapter into ``save_directory/<name>/``.
+
+    ``save_embedding_layers`` (PEFT's option): ``"auto"`` also stores the base weights of a targeted embedding
+    layer (``embed_tokens``/``lm_head``) or of embeddings whose vocabulary was resized since the base model's
+    ``config.json`` (found locally or in the Hub cache; lorakit does not go online to check). ``is_main_process``
+    False writes nothing (distributed training).
+    """
+    if kwargs:
+        raise TypeError(
+            f"save_pretrained() got unexpected keyword arguments {sorted(kwargs)}; accepted: selected_adapters, "
+            "safe_serialization, save_embedding_layers, is_main_process"
+        )
+    if not isinstance(safe_serialization, bool):
+        raise TypeError(f"safe_serialization must be a bool, got {safe_serialization!r}")
+    if save_embedding_layers not in ("auto", True, False):
+        raise ValueError(f"save_embedding_layers={save_embedding_layers!r} is invalid: expected 'auto', True or False")
+    lora_model = peft_model.base_model
+    names = _selected_adapters(lora_model, selected_adapters)
+    folder = Path(save_directory)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"save_directory {str(folder)!r} is a file; expected a folder (created if missing)")
+    if not is_main_process:
+        return
+
+    # Everything is gathered before the first byte is written.
+    jobs = []
+    for name in names:
+        config = lora_model.peft_config[name]
+        tensors = convert.to_peft(lora_model.adapter_state(name), name)
+        tensors.update(_embedding_tensors(lora_model, config, name, save_embedding_layers))
+        jobs.append((folder if name == "default" else folder / name, _for_disk(tensors), _config_json(lora_model, config, name)))
+
+    for out, tensors, config_text in jobs:
+        out.mkdir(parents=True, exist_ok=True)
+        weights, stale = (SAFETENSORS_NAME, PICKLE_NAME) if safe_serialization else (PICKLE_NAME, SAFETENSORS_NAME)
+        atomic_write_many({
+            out / weights: _safetensors_writer(tensors) if safe_serialization else _pickle_writer(tensors),
+            out / CONFIG_NAME: lambda tmp, text=config_text: Path(tmp).write_text(text, encoding="utf-8"),
+        })
+        # A weights file of the other format would be an older adapter, and loaders prefer safetensors.
+        (out / stale).unlink(missing_ok=True)
+
+
+def _selected_adapters(lora_model, selected: Optional[Sequence[str]]) -> list[str]:
+    if selected is None:
+        return list(lora_model.peft_config)
+    if isinstance(selected, str):
+        selected = [selected]
+    if not isinstance(selected, (list, tuple)) or not all(isinstance(n, str) for n in selected):
+        raise TypeError(f"selected_adapters must be a list of adapter names, got {selected!r}")
+    unknown = [n for n in selected if n not in lora_model.peft_config]
+    if unknown:
+        raise ValueError(f"selected_adapters {unknown} are not adapters of this model; it has {list(lora_model.peft_config)}")
+    return list(dict.fromkeys(selected))
+
+
+def _config_json(lora_model, config: LoraConfig, adapter_name: str) -> str:
+    """The config as saved: every field, in inference mode, with the GPT-2 flag PEFT would set and our version."""
+    from . import __version__
+
+    data = config.to_dict()
+    data["peft_type"] = "LORA"
+    data["inference_mode"] = True
+    data["lorakit_version"] = __version__
+    # lorakit detects GPT-2's Conv1D by class; PEFT readers expect the flag in the file.
+    if any(isinstance(layer, LoraLinear) and layer.transpose_delta and adapter_name in layer.r
+           for _, layer in lora_model.lora_layers()):
+        data["fan_in_fan_out"] = True
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def _for_disk(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CPU, contiguous, and no two entries sharing memory (safetensors refuses aliasing; tied embeddings alias)."""
+    out, seen = {}, set()
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.numel() and storage in seen:
+            tensor = tensor.clone()
+        seen.add(storage)
+        out[key] = tensor
+    return out
+
+
+def _safetensors_writer(tensors: dict[str, Tensor]):
+    """Serialise in memory, write with Python: a short write is an ``OSError`` (ENOSPC, EFBIG) like any other, and
+    the only temporary file is ours (adapters are small; the bytes are the file's size)."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata={"format": "pt"})
+    return lambda tmp: Path(tmp).write_bytes(data)
+
+
+def _pickle_writer(tensors: dict[str, Tensor]):
+    return lambda tmp: torch.save(tensors, tmp)
+
+
+def _embedding_tensors(lora_model, config: LoraConfig, adapter_name: str, setting) -> dict[str, Tensor]:
+    """Base weights of the input/output embeddings, saved as PEFT saves them (``save_embedding_layers``)."""
+    model = lora_model.model
+    targeted = _embedding_targeted(config, model)
+    if setting == "auto":
+        setting = targeted or _vocab_resized(model, config)
+    if not setting:
+        return {}
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if not callable(get_in):
+        raise ValueError(
+            f"save_embedding_layers is on for adapter {adapter_name!r}, but the model has no get_input_embeddings() "
+            "to find its embedding layers (a transformers model has); pass save_embedding_layers=False"
+        )
+    layers = [get_in(), get_out() if callable(get_out) else None]
+    module_names = {id(m): n for n, m in model.named_modules()}
+    state = model.state_dict(keep_vars=True)
+    out: dict[str, Tensor] = {}
+    for layer in layers:
+        if layer is None or id(layer) not in module_names or (targeted and not isinstance(layer, LoraLayer)):
+            continue
+        if isinstance(layer, LoraLayer) and layer.merged:
+            raise ValueError(
+                f"cannot save the embedding weights of {module_names[id(layer)]!r} while adapters are merged into "
+                "them (they would be saved with the update in them); call unmerge_adapter() first"
+            )
+        prefix = module_names[id(layer)] + (".base_layer." if targeted else ".")
+        for key, tensor in state.items():
+            # adapter tensors of this adapter are in adapter_state already; other adapters' do not belong here
+            if key.startswith(prefix) and not re.search(r"(?:^|\.)(?:lora_\w+|modules_to_save)\.", key[len(prefix):]):
+                out[convert.PEFT_PREFIX + key] = tensor
+    return out
+
+
+def _embedding_targeted(config: LoraConfig, model: nn.Module) -> bool:
+    """PEFT's rule: an entry of a target list is literally a name in EMBEDDING_LAYER_NAMES, or a target regex
+    matches a module whose name ends in one of them."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear":
+            return False
+        return any(
+            re.fullmatch(targets, name)
+            for name, _ in model.named_modules()
+            if any(re.match(rf"(.*\.)?{e}$", name) for e in EMBEDDING_LAYER_NAMES)
+        )
+    return any(e in (targets or ()) for e in EMBEDDING_LAYER_NAMES)
+
+
+def _vocab_resized(model: nn.Module, config: LoraConfig) -> bool:
+    """Whether the model's vocab_size differs from its base's ``config.json`` (local folder or Hub cache only)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    source = config.base_model_name_or_path
+    if not vocab or not source:
+        return False
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json", revision=config.revision)
+        except Exception:  # not a repo id, or no huggingface_hub: nothing to compare with
+            return False
+        if not isinstance(cached, str):
+            return False
+        path = Path(cached)
+    try:
+        original = json.loads(path.read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if original is not None and original != vocab:
+        warnings.warn(
+            f"the vocabulary was resized ({original} -> {vocab}); saving the embedding weights with the adapter",
+            stacklevel=4,
+        )
+        return True
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+def _load_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    unknown = sorted(set(kwargs) - set(HUB_KWARGS) - set(_LOAD_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword arguments {unknown}; accepted: {sorted(_LOAD_OPTIONS)} and the Hub's {list(HUB_KWARGS)}"
+        )
+    if kwargs.get("autocast_adapter_dtype", True) is not True:
+        raise ValueError("autocast_adapter_dtype=False is not supported: lorakit keeps adapters of fp16/bf16 bases in float32")
+    allow_pickle = kwargs.get("allow_pickle", False)
+    if not isinstance(allow_pickle, bool):
+        raise TypeError(f"allow_pickle must be a bool, got {allow_pickle!r}")
+    return {k: v for k, v in kwargs.items() if k in HUB_KWARGS}, allow_pickle
+
+
+def read_config(model_id, subfolder: Optional[str] = None, revision: Optional[str] = None, **hub: Any) -> LoraConfig:
+    """The adapter's ``adapter_config.json`` as a LoraConfig; bad JSON or invalid values raise naming the file.
+
+    Fields lorakit does not know are ignored with a warning naming them (newer PEFT releases add fields)."""
+    path = resolve_file(model_id, CONFIG_NAME, subfolder=subfolder, revision=revision, **hub)
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    try:
+        return LoraConfig.from_dict(data)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{path}: {e}") from None
+
+
+def read_weights(
+    model_id, subfolder: Optional[str] = None, revision: Optional[str] = None, allow_pickle: bool = False, **hub: Any
+) -> tuple[dict[str, Tensor], str]:
+    """The adapter's tensors (PEFT keys) and the file they came from; safetensors, or a pickle if allowed."""
+    try:
+        path = resolve_file(model_id, SAFETENSORS_NAME, subfolder=subfolder, revision=revision, **hub)
+    except FileNotFoundError as no_safetensors:
+        local = Path(os.fspath(model_id)).is_dir()
+        pickle_path = None
+        if local or allow_pickle:  # on the Hub, looking for the pickle means downloading it
+            try:
+                pickle_path = resolve_file(model_id, PICKLE_NAME, subfolder=subfolder, revision=revision, **hub)
+            except FileNotFoundError:
+                pass
+        if pickle_path is None:
+            hint = "" if local or allow_pickle else f" (an adapter stored only as {PICKLE_NAME} needs allow_pickle=True)"
+            raise FileNotFoundError(f"{no_safetensors}{hint}") from None
+        if not allow_pickle:
+            raise ValueError(
+                f"{pickle_path} is a pickle (PEFT's legacy format) and there is no {SAFETENSORS_NAME}; unpickling can "
+                "run code from the file, so lorakit reads it only with allow_pickle=True. Only pass that for files "
+                "you trust (or re-save the adapter with safe_serialization=True)"
+            )
+        try:
+            tensors = torch.load(pickle_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{pickle_path} could not be read as a PyTorch weights file (truncated or corrupt?): {e}") from None
+        return _check_tensors(tensors, pickle_path), pickle_path
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path, device="cpu")
+    except Exception as e:  # SafetensorError, OSError: both mean the file is unusable
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return _check_tensors(tensors, path), path
+
+
+def _check_tensors(tensors: Any, source: str) -> dict[str, Tensor]:
+    if not isinstance(tensors, dict):
+        raise ValueError(f"{source} holds a {type(tensors).__name__}; expected a dict of tensors")
+    for key, value in tensors.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise ValueError(f"{source}: entry {key!r} is not a named tensor")
+        if not value.is_floating_point():
+            raise ValueError(f"{source}: tensor {key!r} has dtype {value.dtype}; adapter tensors are floating point")
+    if not tensors:
+        raise ValueError(f"{source} holds no tensors")
+    return tensors
+
+
+class _FileAdapter:
+    """Fits one adapter file onto a model: maps its keys onto the adapter's tensors once the adapter's layers
+    exist (``__call__``, the callable ``inject_adapter`` takes), checks the rest (base-model tensors PEFT saves,
+    e.g. embedding weights) and, after the adapter is in, copies those into the model (:meth:`place`)."""
+
+    def __init__(self, lora_model, adapter_name: str, tensors: dict[str, Tensor], source: str) -> None:
+        self.lora_model, self.adapter_name, self.tensors, self.source = lora_model, adapter_name, tensors, source
+        self.base: list[tuple[Tensor, Tensor]] = []  # (model tensor, file tensor)
+
+    def __call__(self, own: dict[str, Tensor]) -> dict[str, Tensor]:
+        state, rest = convert.from_peft(self.tensors, own, self.adapter_name, self.source)
+        for key, tensor in state.items():
+            self._check_shape(convert.to_peft_key(key, self.adapter_name), tensor, own[key])
+        self.base = self._base_tensors(rest)
+        return state
+
+    def _check_shape(self, peft_key: str, found: Tensor, expected: Tensor) -> None:
+        if tuple(found.shape) != tuple(expected.shape):
+            raise ValueError(
+                f"{self.source}: tensor {convert.PEFT_PREFIX + peft_key!r} has shape {tuple(found.shape)}, the model "
+                f"expects {tuple(expected.shape)} (different r, rank_pattern or base model?)"
+            )
+
+    def _base_tensors(self, rest: dict[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Model tensors for the file's remaining keys; a key naming nothing in the model is unexpected."""
+        model_state = self.lora_model.model.state_dict(keep_vars=True)
+        found, unexpected = [], []
+        for key, tensor in rest.items():
+            parent, _, leaf = key.rpartition(".")
+            wrapped = f"{parent}.base_layer.{leaf}" if parent else f"base_layer.{leaf}"
+            target = None
+            if not re.search(r"(?:^|\.)(?:lora_\w+|modules_to_save)(?:\.|$)", key):
+                target = model_state.get(key, model_state.get(wrapped))
+            if target is None:
+                unexpected.append(convert.PEFT_PREFIX + key)
+                continue
+            self._check_shape(key, tensor, target)
+            found.append((target, tensor))
+        if unexpected:
+            raise ValueError(
+                f"{self.source} has {len(unexpected)} tensor(s) that fit nothing in this model or adapter config, e.g. "
+                f"{unexpected[:5]} (was it saved from a different model or config?)"
+            )
+        return found
+
+    def place(self) -> None:
+        """Copy the base-model tensors in (as PEFT does); all or nothing."""
+        done: list[tuple[Tensor, Tensor]] = []
+        with torch.no_grad():
+            try:
+                for target, tensor in self.base:
+                    done.append((target, target.detach().clone()))
+                    target.copy_(tensor)
+            except BaseException:
+                for target, old in reversed(done):
+                    target.copy_(old)
+                raise
+
+
+def load_adapter_into(
+    peft_model,
+    model_id: str | os.PathLike,
+    adapter_name: str,
+    is_trainable: bool = False,
+    subfolder: Optional[str] = None,
+    revision: Optional[str] = None,
+    **kwargs: Any,
+) -> None:
+    """``PeftModel.load_adapter``: add the saved adapter as ``adapter_name`` (not activated), frozen unless
+    ``is_trainable``. Any error leaves the model as it was."""
+    if not isinstance(is_trainable, bool):
+        raise TypeError(f"is_trainable must be a bool, got {is_trainable!r}")
+    hub, allow_pickle = _load_options(kwargs)
+    lora_model = peft_model.base_model
+    if adapter_name in lora_model.peft_config:
+        raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or pick another name")
+    config = read_config(model_id, subfolder, revision, **hub)
+    tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, **hub)
+    config.inference_mode = not is_trainable
+    config = peft_model._prepare_config(peft_model.get_base_model(), config)
+    fit = _FileAdapter(lora_model, adapter_name, tensors, source)
+    lora_model.inject_adapter(config, adapter_name, state_dict=fit)
+    try:
+        fit.place()
+    except BaseException:
+        lora_model.delete_adapter(adapter_name)
+        raise
+    lora_model.set_adapter(lora_model.active_adapters)
+    if not is_trainable:
+        peft_model.eval()
+
+
+def load_peft_model(
+    cls,
+    model: nn.Module,
+    model_id: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    config: Optional[LoraConfig] = None,
+    subfolder: Optional[str] = None,
+    revision: Optional[str] = None,
+    **kwargs: Any,
+):
+    """``PeftModel.from_pretrained``: wrap ``model`` with the saved adapter; frozen and in eval mode unless
+    ``is_trainable``. The class follows the config's ``task_type`` when called on ``PeftModel`` itself, as in PEFT.
+    On any error ``model`` is handed back untouched (unwrapped, flags restored)."""
+    from .peft_model import PeftModel, peft_model_class
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, PeftModel):
+        raise TypeError("model is a PeftModel already; use its load_adapter() to add another adapter")
+    if not isinstance(is_trainable, bool):
+        raise TypeError(f"is_trainable must be a bool, got {is_trainable!r}")
+    hub, allow_pickle = _load_options(kwargs)
+    if config is None:
+        config = read_config(model_id, subfolder, revision, **hub)
+    elif not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lorakit LoraConfig, got {type(config).__name__}")
+    else:
+        config = copy.deepcopy(config)
+    tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, **hub)
+    config.inference_mode = not is_trainable
+    if cls is PeftModel:
+        cls = peft_model_class(config.task_type)
+    peft_model = cls(model, config, adapter_name)  # on error the model is left as it was
+    fit = _FileAdapter(peft_model.base_model, adapter_name, tensors, source)
+    try:
+        peft_model.base_model._load_adapter_state(adapter_name, fit)
+        fit.place()
+    except BaseException:
+        peft_model.unload()
+        raise
+    if not is_trainable:
+        peft_model.eval()
+    return peft_model
