@@ -304,6 +304,61 @@ def test_lorakit_adapter_loads_in_peft(case, tmp_path):
     assert {k: v.shape for k, v in peft_file.items()} == {k: v.shape for k, v in our_file.items()}
 
 
+def test_bias_of_a_layer_another_adapter_wraps(tmp_path):
+    """A PEFT bias="all" adapter names c_attn's bias ``c_attn.bias``; in a lorakit model where another adapter
+    wraps c_attn it is ``c_attn.base_layer.bias``. It loads there, with PEFT's outputs."""
+    make, x = tiny_gpt2, token_ids()
+    theirs = peft_source(make, dict(target_modules=["c_fc"], bias="all"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path)
+    assert "base_model.model.transformer.h.0.attn.c_attn.bias" in load_file(tmp_path / SAFE)
+    ours = get_peft_model(make(), LoraConfig(target_modules=["c_attn"]))
+    ours.load_adapter(tmp_path, "peft_bias")
+    ours.set_adapter("peft_bias")
+    torch.testing.assert_close(run(ours, x), run(theirs, x), rtol=0, atol=1e-5)
+
+
+def test_convert_names_both_ways():
+    from lorakit import convert
+
+    state = {
+        "model.q_proj.lora_A.default.weight": torch.ones(2, 4),
+        "model.q_proj.lora_B.default.weight": torch.ones(4, 2),
+        "emb.lora_embedding_A.default": torch.ones(2, 9),
+        "head.modules_to_save.default.weight": torch.ones(3, 4),
+        "model.q_proj.base_layer.bias": torch.ones(4),
+        "default.weight": torch.ones(1),  # a module named like the adapter is left alone
+    }
+    peft_state = convert.to_peft(state, "default")
+    assert sorted(peft_state) == sorted(convert.PEFT_PREFIX + k for k in [
+        "model.q_proj.lora_A.weight", "model.q_proj.lora_B.weight", "emb.lora_embedding_A", "head.weight",
+        "model.q_proj.base_layer.bias", "default.weight"])
+    # back, under another adapter name, from prefixed and from unprefixed dicts alike
+    renamed = {k.replace(".default", ".x") if "lora" in k or "modules_to_save" in k else k: v for k, v in state.items()}
+    for source in (peft_state, convert.strip_peft_prefix(peft_state)):
+        loaded, rest = convert.from_peft(source, renamed, "x")
+        assert loaded.keys() == renamed.keys() and rest == {}
+    with pytest.raises(ValueError, match="lack the 'base_model.model.' prefix"):
+        convert.from_peft({**peft_state, "stray.weight": torch.ones(1)}, renamed, "x")
+    with pytest.raises(ValueError, match=r"lacks 1 tensor.*head\.weight"):
+        convert.from_peft({k: v for k, v in peft_state.items() if not k.endswith("head.weight")}, renamed, "x")
+    clash = {**peft_state, convert.PEFT_PREFIX + "head.modules_to_save.weight": torch.zeros(3, 4)}
+    with pytest.raises(ValueError, match="hold the same tensor but differ"):
+        convert.from_peft(clash, renamed, "x")
+
+
+def test_saving_merged_embedding_weights_is_refused(tmp_path):
+    model = lorakit_source(tiny_llama, dict(target_modules=["embed_tokens"]))
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        model.save_pretrained(tmp_path)
+    assert not tmp_path.joinpath(SAFE).exists()
+    model.unmerge_adapter()
+    model.save_pretrained(tmp_path)
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in load_file(tmp_path / SAFE)
+
+
 def test_config_files_both_ways(tmp_path):
     import peft
 

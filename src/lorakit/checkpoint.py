@@ -133,7 +133,7 @@ def _for_disk(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     out, seen = {}, set()
     for key, tensor in tensors.items():
         tensor = tensor.detach().to("cpu").contiguous()
-        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        storage = tensor.untyped_storage().data_ptr()
         if tensor.numel() and storage in seen:
             tensor = tensor.clone()
         seen.add(storage)
