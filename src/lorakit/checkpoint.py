@@ -87,7 +87,8 @@ def save_adapters(
         config = lora_model.peft_config[name]
         tensors = convert.to_peft(lora_model.adapter_state(name), name)
         tensors.update(_embedding_tensors(lora_model, config, name, save_embedding_layers))
-        jobs.append((folder if name == "default" else folder / name, _for_disk(tensors), _config_json(lora_model, config, name)))
+        out = folder if name == "default" else folder / name
+        jobs.append((out, _for_disk(tensors), _config_json(lora_model, config, name)))
 
     for out, tensors, config_text in jobs:
         out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +110,9 @@ def _selected_adapters(lora_model, selected: Optional[Sequence[str]]) -> list[st
         raise TypeError(f"selected_adapters must be a list of adapter names, got {selected!r}")
     unknown = [n for n in selected if n not in lora_model.peft_config]
     if unknown:
-        raise ValueError(f"selected_adapters {unknown} are not adapters of this model; it has {list(lora_model.peft_config)}")
+        raise ValueError(
+            f"selected_adapters {unknown} are not adapters of this model; it has {list(lora_model.peft_config)}"
+        )
     return list(dict.fromkeys(selected))
 
 
@@ -240,10 +243,13 @@ def _load_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     unknown = sorted(set(kwargs) - set(HUB_KWARGS) - set(_LOAD_OPTIONS))
     if unknown:
         raise TypeError(
-            f"unexpected keyword arguments {unknown}; accepted: {sorted(_LOAD_OPTIONS)} and the Hub's {list(HUB_KWARGS)}"
+            f"unexpected keyword arguments {unknown}; accepted: {sorted(_LOAD_OPTIONS)} and the Hub's "
+            f"{list(HUB_KWARGS)}"
         )
     if kwargs.get("autocast_adapter_dtype", True) is not True:
-        raise ValueError("autocast_adapter_dtype=False is not supported: lorakit keeps adapters of fp16/bf16 bases in float32")
+        raise ValueError(
+            "autocast_adapter_dtype=False is not supported: lorakit keeps adapters of fp16/bf16 bases in float32"
+        )
     allow_pickle = kwargs.get("allow_pickle", False)
     if not isinstance(allow_pickle, bool):
         raise TypeError(f"allow_pickle must be a bool, got {allow_pickle!r}")
@@ -282,7 +288,8 @@ def read_weights(
             except FileNotFoundError:
                 pass
         if pickle_path is None:
-            hint = "" if local or allow_pickle else f" (an adapter stored only as {PICKLE_NAME} needs allow_pickle=True)"
+            hint = f" (an adapter stored only as {PICKLE_NAME} needs allow_pickle=True)"
+            hint = "" if local or allow_pickle else hint
             raise FileNotFoundError(f"{no_safetensors}{hint}") from None
         if not allow_pickle:
             raise ValueError(
@@ -293,7 +300,9 @@ def read_weights(
         try:
             tensors = torch.load(pickle_path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{pickle_path} could not be read as a PyTorch weights file (truncated or corrupt?): {e}") from None
+            raise ValueError(
+                f"{pickle_path} could not be read as a PyTorch weights file (truncated or corrupt?): {e}"
+            ) from None
         return _check_tensors(tensors, pickle_path), pickle_path
     from safetensors.torch import load_file
 

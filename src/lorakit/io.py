@@ -116,9 +116,8 @@ def resolve_file(
             f"{name} is not a local folder, and huggingface_hub (needed for Hub repo ids) is not installed"
         ) from None
     try:
-        return hf_hub_download(
-            name, filename, subfolder=subfolder, revision=revision, **{k: v for k, v in kwargs.items() if k in HUB_KWARGS}
-        )
+        hub_kwargs = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
+        return hf_hub_download(name, filename, subfolder=subfolder, revision=revision, **hub_kwargs)
     except HFValidationError as e:
         raise FileNotFoundError(f"{name} is neither a local folder nor a valid Hub repo id ({e})") from None
     except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as e:
