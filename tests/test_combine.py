@@ -397,20 +397,26 @@ class Suffixes(nn.Module):
         self.fc = nn.Linear(4, 6)
         self.sub = nn.Module()
         self.sub.fc = nn.Linear(6, 3)
+        self.other = nn.Linear(3, 3)
 
     def forward(self, x):
-        return self.sub.fc(self.fc(x))
+        return self.other(self.sub.fc(self.fc(x)))
 
 
 @pytest.mark.parametrize("make_base, configs", [
     (lambda: CustomNet().double(), DIFFERENT),
-    (Suffixes, {"x": dict(r=2, target_modules=["fc", "sub.fc"]), "y": dict(r=3, target_modules=["sub.fc"])}),
+    # the new adapter wraps fc but not sub.fc: its target list must not pick up sub.fc
+    (Suffixes, {"x": dict(r=2, target_modules="fc"), "y": dict(r=3, target_modules=["other"])}),
+    # fc alone has a rank other than the most common one: its rank_pattern key must not match sub.fc
+    (Suffixes, {"x": dict(r=2, target_modules="fc"), "y": dict(r=3, target_modules=["sub.fc", "other"])}),
 ])
 def test_new_config_rebuilds_the_same_ranks_and_scalings(make_base, configs):
     torch.manual_seed(0)
     model = with_adapters(make_base(), configs)
     model.add_weighted_adapter(list(configs), [1.0] * len(configs), "mix", "cat")
-    expected = {n: (layer.r["mix"], layer.scaling["mix"]) for n, layer in layers(model).items() if "mix" in layer.r}
+    expected = {n: (layer.r["mix"], layer.scaling["mix"]) for n, layer in layers(model).items()
+                if any(a in layer.r for a in configs)}
+    assert {n for n, layer in layers(model).items() if "mix" in layer.r} == set(expected)
     config = model.peft_config["mix"].to_dict()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every target entry matches

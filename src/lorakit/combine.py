@@ -388,8 +388,11 @@ def _new_config(lora_model, adapters, ranks: dict[str, int], modules_to_save: li
     biases they trained are saved with the new adapter)."""
     configs = [lora_model.peft_config[a] for a in adapters]
     names = list(ranks)
-    all_names = [n for n, _ in lora_model.model.named_modules()]
-    ambiguous = any(o != n and o.endswith("." + n) for n in names for o in all_names)
+    wanted = set(names)
+    ambiguous = any(  # does some other module's name end with ".<a wrapped name>"?
+        ".".join(parts[i:]) in wanted
+        for parts in (o.split(".") for o, _ in lora_model.model.named_modules()) for i in range(1, len(parts))
+    )
     # A list entry or pattern key also matches names ending in ".entry"; where another module's name does, anchor.
     key = (lambda n: "^" + re.escape(n)) if ambiguous else re.escape
     targets = "|".join(re.escape(n) for n in names) if ambiguous else names
