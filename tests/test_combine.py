@@ -542,3 +542,38 @@ def test_a_failure_while_filling_the_new_adapter_removes_it(monkeypatch):
     with pytest.raises(RuntimeError, match="views"):
         model.add_weighted_adapter(["x", "y"], [1, 1], "mix", "cat")
     assert_unchanged(model, before)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# save → reload: the same outputs, in lorakit and in PEFT
+# ----------------------------------------------------------------------------------------------------------------
+SAVED = {  # per-layer ranks differ after combining; a trained modules_to_save copy; biases trained ("lora_only")
+    "x": dict(r=2, lora_alpha=4, target_modules=["emb", "conv1d", "conv2d", "lin1"], modules_to_save=["lin2"]),
+    "y": dict(r=3, lora_alpha=5, use_rslora=True, target_modules=["emb", "lin1"], rank_pattern={"lin1": 4},
+              bias="lora_only"),
+}
+
+
+@pytest.mark.parametrize("combination_type, options", [("cat", {}), ("svd", dict(svd_rank=3)),
+                                                       ("dare_ties_svd", dict(density=0.5, seed=0))])
+def test_save_and_reload_gives_the_same_outputs_in_lorakit_and_peft(combination_type, options, tmp_path):
+    torch.manual_seed(0)
+    base = CustomNet(dilation=(1, 1)).double().eval()  # PEFT cannot load dilated convs (see the core tests)
+    fresh = copy.deepcopy(base)
+    model = with_adapters(base, SAVED).eval()
+    with torch.no_grad():  # "training": the x's copy of lin2 and the biases y trains
+        model.base_model.model.lin2.modules_to_save["x"].weight.add_(0.5)
+        model.base_model.model.lin1.base_layer.bias.add_(1.0)
+    model.add_weighted_adapter(["x", "y"], [0.6, -1.4], "mix", combination_type, **options)
+    assert model.peft_config["mix"].bias == "lora_only"
+    model.set_adapter("mix")
+    x = custom_inputs()
+    expected = model(x)
+    model.save_pretrained(tmp_path, selected_adapters=["mix"])
+
+    ours = lorakit.PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path / "mix")
+    torch.testing.assert_close(ours(x), expected, atol=1e-10, rtol=0)
+    assert {n: l.r["default"] for n, l in layers(ours).items()} == {
+        n: l.r["mix"] for n, l in layers(model).items() if "mix" in l.r}
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(fresh), str(tmp_path / "mix")).eval()
+    torch.testing.assert_close(theirs(x), expected, atol=1e-10, rtol=0)
