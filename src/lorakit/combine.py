@@ -1,8 +1,9 @@
 """add_weighted_adapter: a new adapter made from existing ones (task arithmetic, model soups, style mixing).
 
-Two parts. First, pure tensor functions on one layer's matrices in PEFT's orientation (``A: r × n``,
-``B: m × r``, where ``n`` is the flattened input size, e.g. ``in · k…`` for convs): the merge methods (weighted
-sum, TIES, DARE, magnitude pruning), concatenation, and truncated SVD. They know nothing of modules. Second,
+Two parts. First, pure tensor functions that know nothing of modules: the merge methods (weighted sum, TIES,
+DARE, magnitude pruning) on same-shaped tensors, and, on one layer's factors in PEFT's orientation (``A: r × n``,
+``B: m × r``, ``n`` the flattened input size, e.g. ``in · k…`` for convs), concatenation, the A/B-wise
+combination and truncated SVD. Second,
 :func:`add_weighted_adapter`, which checks its arguments, computes every layer's new ``A``/``B`` with those
 functions (so bad input fails before the model changes), and only then adds the new adapter to the model.
 
@@ -332,22 +333,24 @@ def _combine_layer(layer, present, kind, method, svd_rank, clamp, full_matrices,
                 f"adapter {a!r} has B {tuple(B.shape)} and A {tuple(A.shape)}, whose product is not the layer's "
                 f"update (a grouped conv, groups={getattr(layer.base_layer, 'groups', '?')}): it cannot be combined"
             )
+    if kind == "factors":
+        ranks = {a: layer.r[a] for a in names}
+        if len(set(ranks.values())) != 1:
+            raise ValueError(f"combination_type {method!r} combines A's and B's separately and needs equal "
+                             f"ranks, got {ranks}; use 'cat' or 'svd' for adapters of different ranks")
     dtype = torch.promote_types(torch.promote_types(A0.dtype, B0.dtype), torch.float32)
     flat = [(A.detach().flatten(1).to(dtype), B.detach().flatten(1).to(dtype)) for A, B in factors]
+    scales = [w * layer.scaling[a] for a, w in present]
     with torch.no_grad():
         if kind == "cat":
-            A, B = concat_factors(flat, [w * layer.scaling[a] for a, w in present])
+            A, B = concat_factors(flat, scales)
         elif kind == "factors":
-            ranks = {a: layer.r[a] for a in names}
-            if len(set(ranks.values())) != 1:
-                raise ValueError(f"combination_type {method!r} combines A's and B's separately and needs equal "
-                                 f"ranks, got {ranks}; use 'cat' or 'svd' for adapters of different ranks")
-            A, B = combine_factors(method, flat, [w * layer.scaling[a] for a, w in present], **merge_kwargs)
+            A, B = combine_factors(method, flat, scales, **merge_kwargs)
         else:
             # merged as the weights are stored (PEFT's order, so the same DARE masks), decomposed as out × in·k…
             merged = merge_tensors(method, [layer.delta_weight(a) for a in names], [w for _, w in present],
                                    **merge_kwargs)
-            m, n = flat[0][1].shape[0], flat[0][0].shape[1]
+            m, n = B0.shape[0], A0[0].numel()
             A, B = truncated_svd(_as_matrix(layer, merged, m), min(svd_rank, m, n), clamp, full_matrices, driver)
     r = A.shape[0]
     return A.reshape(r, *A0.shape[1:]), B.reshape(B0.shape[0], r, *B0.shape[2:])
