@@ -20,5 +20,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m lorakit.demo
 
+# lorakit vs PEFT side by side (see benchmarks/RESULTS.md); e.g. `make bench ARGS="--threads 2"` or ARGS=--quick
+bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.bench $(ARGS)
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,407 @@
+"""What the benchmark measures, one function per section; each returns rows of the results table.
+
+Every section builds the same model for lorakit and for PEFT (identical adapter weights, checked to give the same
+outputs), measures both in one :class:`~benchmarks.harness.Group` (interleaved rounds) and reports medians with
+min–max and the per-round ratio lorakit/PEFT.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import memory
+from . import workloads as w
+from .harness import Group, Row, Stats, Target, Unsupported, failure_text, timed
+
+NO_SLOWER = Target("ratio", "<=", 1.0, "≤ 1.00")
+
+
+@dataclass
+class Context:
+    scale: w.Scale
+    rounds: int  # rounds for cheap items
+    heavy_rounds: int  # rounds for training step and prefills
+    calls: int  # decode steps per round (median taken)
+    cycles: int  # merge/unmerge cycles for the round-trip error
+    threads: int
+    memory_runs: int  # fresh processes per library for the memory measurement
+    errors: list[str] = field(default_factory=list)
+    _base: nn.Module | None = None
+
+    @property
+    def base(self) -> nn.Module:
+        """The main model, never modified (each library wraps its own copy)."""
+        if self._base is None:
+            self._base = w.llama(self.scale.model)
+        return self._base
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _both(build: Callable[[str], nn.Module]) -> dict[str, nn.Module]:
+    """``{lib_name: build(lib_name)}`` for both libraries."""
+    return {name: build(name) for name in w.LIB_NAMES}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The 8-layer model with one adapter: training, prefill, decode, merge, save, load
+# ----------------------------------------------------------------------------------------------------------------
+def section_main(ctx: Context) -> list[Row]:
+    s = ctx.scale
+    models = _both(lambda n: w.wrap(w.library(n), copy.deepcopy(ctx.base), s))
+    probe = w.token_ids(s, 1, 8)
+    w.check_same_outputs(models["lorakit"], models["peft"], probe, "one adapter")
+    rows: list[Row] = []
+
+    log(f"training step {s.train[0]}×{s.train[1]}")
+    for m in models.values():
+        m.train()
+    ids = w.token_ids(s, *s.train)
+    g = Group(ctx.errors)
+    for n, m in models.items():
+        g.add(n, lambda m=m: w.TrainStep(m, ids))
+    g.run(ctx.heavy_rounds)
+    rows.append(Row(f"training step, batch {s.train[0]}×{s.train[1]}", g.cell("lorakit"), g.cell("peft"),
+                    g.ratio("lorakit", "peft"), NO_SLOWER))
+    for m in models.values():
+        m.eval()
+        m.zero_grad(set_to_none=True)
+
+    log(f"prefill {s.prefill[0]}×{s.prefill[1]}")
+    ids = w.token_ids(s, *s.prefill)
+    g = Group(ctx.errors)
+    for n, m in models.items():
+        g.add(n, lambda m=m: w.Prefill(m, ids))
+    g.run(ctx.heavy_rounds)
+    rows.append(Row(f"prefill, batch {s.prefill[0]}×{s.prefill[1]}", g.cell("lorakit"), g.cell("peft"),
+                    g.ratio("lorakit", "peft"), NO_SLOWER))
+
+    log(f"decode, batch 1, cache {s.cache}")
+    cache = w.make_cache(ctx.base, 1, s.cache, s)
+    g = Group(ctx.errors)
+    for n, m in models.items():
+        g.add(n, lambda m=m: w.Decode(m, cache, ctx.calls))
+        g.add(f"{n} merged", lambda m=m: _merged(m, w.Decode(m, cache, ctx.calls)))
+    g.run(ctx.rounds)
+    rows += [
+        Row(f"decode step, batch 1, cache {s.cache}, unmerged", g.cell("lorakit"), g.cell("peft"),
+            g.ratio("lorakit", "peft")),
+        Row("decode step, merged", g.cell("lorakit merged"), g.cell("peft merged"),
+            g.ratio("lorakit merged", "peft merged")),
+        Row("decode unmerged / merged", g.ratio("lorakit", "lorakit merged"), g.ratio("peft", "peft merged"),
+            None, Target("lorakit", "<=", 1.10, "≤ 1.10")),
+    ]
+
+    log("merge / unmerge")
+    for what in ("merge", "unmerge"):
+        g = Group(ctx.errors)
+        for n, m in models.items():
+            g.add(n, lambda m=m, what=what: _merge_step(m, what))
+        g.run(ctx.rounds)
+        target = Target("ratio", "<=", 1 / 1.4, "≥ 1.4× faster") if what == "merge" else None
+        rows.append(Row(f"{what}_adapter", g.cell("lorakit"), g.cell("peft"), g.ratio("lorakit", "peft"), target))
+
+    log("save / load")
+    rows += _save_load(ctx, models)
+    return rows
+
+
+def _merged(model: nn.Module, measure: Callable[[], float]) -> Callable[[], float]:
+    """``measure`` run with the adapters merged (merging and unmerging are not timed)."""
+
+    def run() -> float:
+        model.merge_adapter()
+        try:
+            return measure()
+        finally:
+            model.unmerge_adapter()
+
+    run()  # fail at setup, not in the rounds, if merging is broken
+    return run
+
+
+def _merge_step(model: nn.Module, what: str) -> Callable[[], float]:
+    def run() -> float:
+        if what == "merge":
+            t = timed(model.merge_adapter)
+            model.unmerge_adapter()
+        else:
+            model.merge_adapter()
+            t = timed(model.unmerge_adapter)
+        return t
+
+    return run
+
+
+def _save_load(ctx: Context, models: dict[str, nn.Module]) -> list[Row]:
+    """save_pretrained of each library into fresh folders; from_pretrained of the files PEFT wrote, into a fresh
+    copy of the base model (the copy is not timed)."""
+    tmp = Path(tempfile.mkdtemp(prefix="lorakit-bench-"))
+    try:
+        models["peft"].save_pretrained(str(tmp / "reference"))
+        reference = tmp / "reference" / "a0"  # PEFT puts an adapter not named "default" in a subfolder
+        counter = iter(range(10**9))
+
+        def saver(n: str) -> Callable[[], Callable[[], float]]:
+            def setup() -> Callable[[], float]:
+                def run() -> float:
+                    target = tmp / f"{n}-{next(counter)}"
+                    t = timed(lambda: models[n].save_pretrained(str(target)))
+                    shutil.rmtree(target)
+                    return t
+
+                w.lorakit_feature(run) if n == "lorakit" else run()
+                return run
+
+            return setup
+
+        def loader(n: str) -> Callable[[], Callable[[], float]]:
+            lib = w.library(n)
+
+            def setup() -> Callable[[], float]:
+                loaded = w.lorakit_feature(lambda: lib.PeftModel.from_pretrained(copy.deepcopy(ctx.base), str(reference)))
+                w.check_same_outputs(loaded, models["peft"], w.token_ids(ctx.scale, 1, 8), f"{n} loading PEFT's files")
+                del loaded
+
+                def run() -> float:
+                    fresh = copy.deepcopy(ctx.base)
+                    return timed(lambda: lib.PeftModel.from_pretrained(fresh, str(reference)))
+
+                return run
+
+            return setup
+
+        rows = []
+        for label, make in (("save_pretrained", saver), ("from_pretrained (PEFT's files)", loader)):
+            g = Group(ctx.errors)
+            for n in w.LIB_NAMES:
+                g.add(n, make(n))
+            g.run(ctx.rounds)
+            rows.append(Row(label, g.cell("lorakit"), g.cell("peft"), g.ratio("lorakit", "peft")))
+        return rows
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixed-adapter batches: every row its own adapter
+# ----------------------------------------------------------------------------------------------------------------
+def section_mixed(ctx: Context) -> list[Row]:
+    s = ctx.scale
+    most = max(s.adapters)
+    models = _both(lambda n: w.wrap(w.library(n), copy.deepcopy(ctx.base), s, adapters=most))
+    w.check_same_outputs(models["lorakit"], models["peft"], w.token_ids(s, 1, 8), f"{most} adapters")
+    names = [f"a{i}" for i in range(most)]
+    check_ids = w.token_ids(s, most, 4, seed=5)
+    support: dict[str, BaseException | None] = {}
+    for n, m in models.items():
+        log(f"checking {n}'s mixed batches against per-adapter runs")
+        try:
+            w.check_mixed(n, m, names, check_ids)
+            support[n] = None
+        except Exception as exc:  # noqa: BLE001 — shown in the rows below
+            support[n] = exc
+            log(f"  {n}: {failure_text(exc)}")
+
+    def mixed(n: str, make: Callable[..., Callable[[], float]], k: int) -> Callable[[], Callable[[], float]]:
+        def setup() -> Callable[[], float]:
+            if support[n] is not None:
+                raise support[n]
+            return make(models[n], adapter_names=names[:k])
+
+        return setup
+
+    rows: list[Row] = []
+    for kind in ("decode", "prefill"):
+        for k in s.adapters:
+            log(f"mixed {kind}, {k} adapters")
+            if kind == "decode":
+                cache = w.make_cache(ctx.base, k, s.cache, s)
+                make = lambda m, **kw: w.Decode(m, cache, ctx.calls, **kw)  # noqa: E731
+                shape, rounds = f"batch {k}, cache {s.cache}", ctx.rounds
+            else:
+                ids = w.token_ids(s, k, s.mixed_tokens)
+                make = lambda m, **kw: w.Prefill(m, ids, **kw)  # noqa: E731
+                shape, rounds = f"batch {k}×{s.mixed_tokens}", ctx.heavy_rounds
+            g = Group(ctx.errors)
+            for n in w.LIB_NAMES:
+                g.add(f"{n} mixed", mixed(n, make, k))
+                g.add(f"{n} single", lambda n=n, make=make: make(models[n]))
+            g.run(rounds)
+            target = Target("lorakit", "<=", 1.4, "≤ 1.4") if kind == "decode" and k == 32 else None
+            rows += [
+                Row(f"mixed {kind}, {k} adapters ({shape})", g.cell("lorakit mixed"), g.cell("peft mixed"),
+                    g.ratio("lorakit mixed", "peft mixed")),
+                Row(f"mixed / single adapter, {kind}, {k} adapters", g.ratio("lorakit mixed", "lorakit single"),
+                    g.ratio("peft mixed", "peft single"), None, target),
+            ]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Injection on the narrow 32-layer model
+# ----------------------------------------------------------------------------------------------------------------
+def section_inject(ctx: Context) -> list[Row]:
+    s = ctx.scale
+    narrow = w.llama(s.narrow)
+    layers = s.narrow["num_hidden_layers"]
+    log(f"get_peft_model on a {layers}-layer model")
+
+    def inject(n: str) -> Callable[[], float]:
+        lib = w.library(n)
+
+        def run() -> float:
+            fresh, config = copy.deepcopy(narrow), w.lora_config(lib, s)
+            return timed(lambda: lib.get_peft_model(fresh, config))
+
+        return run
+
+    g = Group(ctx.errors)
+    for n in w.LIB_NAMES:
+        g.add(n, lambda n=n: inject(n))
+    g.run(ctx.rounds)
+    rows = [Row(f"get_peft_model, {layers}-layer model", g.cell("lorakit"), g.cell("peft"),
+                g.ratio("lorakit", "peft"), Target("ratio", "<=", 0.2, "≥ 5× faster"))]
+
+    most = max(s.adapters)
+    log(f"add_adapter: the 2nd and the {_ordinal(most)}")
+
+    def add(n: str, existing: int) -> Callable[[], float]:
+        lib = w.library(n)
+        model = w.wrap(lib, copy.deepcopy(narrow), s, adapters=existing)
+
+        def run() -> float:
+            config = w.lora_config(lib, s)
+            t = timed(lambda: model.add_adapter("new", config))
+            model.delete_adapter("new")
+            return t
+
+        return run
+
+    g = Group(ctx.errors)
+    for n in w.LIB_NAMES:
+        g.add(f"{n} 2nd", lambda n=n: add(n, 1))
+        g.add(f"{n} last", lambda n=n: add(n, most - 1))
+    g.run(ctx.heavy_rounds)
+    rows += [
+        Row("add_adapter, 2nd adapter", g.cell("lorakit 2nd"), g.cell("peft 2nd"), g.ratio("lorakit 2nd", "peft 2nd")),
+        Row(f"add_adapter, {_ordinal(most)} adapter", g.cell("lorakit last"), g.cell("peft last"),
+            g.ratio("lorakit last", "peft last")),
+        Row(f"add_adapter {_ordinal(most)} / 2nd", g.ratio("lorakit last", "lorakit 2nd"),
+            g.ratio("peft last", "peft 2nd")),
+    ]
+    return rows
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exactness of merge → unmerge in low precision
+# ----------------------------------------------------------------------------------------------------------------
+def section_roundtrip(ctx: Context) -> list[Row]:
+    """Largest change of any base weight after 1 and after ``ctx.cycles`` merge → unmerge cycles."""
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        short = str(dtype).removeprefix("torch.").replace("float", "fp").replace("bfp", "bf")
+        log(f"merge → unmerge round trip in {short}")
+        base = copy.deepcopy(ctx.base).to(dtype)
+        result: dict[str, list] = {}
+        for n in w.LIB_NAMES:
+            try:
+                result[n] = _roundtrip_errors(w.wrap(w.library(n), copy.deepcopy(base), ctx.scale), ctx.cycles)
+            except Exception as exc:  # noqa: BLE001
+                ctx.errors.append(f"{short} round trip, {n}: {failure_text(exc)}")
+                result[n] = [failure_text(exc)] * 2
+        exact = Target("lorakit", "==", 0.0, "exactly 0") if dtype != torch.float32 else None
+        for i, cycles in enumerate((1, ctx.cycles)):
+            label = f"{short} merge→unmerge, largest weight error, {cycles} cycle{'s' if cycles > 1 else ''}"
+            rows.append(Row(label, result["lorakit"][i], result["peft"][i], None, exact))
+        del base
+    return rows
+
+
+def _roundtrip_errors(model: nn.Module, cycles: int) -> list[Stats]:
+    base = model.get_base_model()
+    original = {n: p.detach().clone() for n, p in base.named_parameters() if ".lora_" not in n}
+    errors = []
+    for cycle in range(1, cycles + 1):
+        model.merge_adapter()
+        model.unmerge_adapter()
+        if cycle in (1, cycles):
+            now = dict(base.named_parameters())
+            diffs = [(now[n].detach().float() - p.float()).abs() for n, p in original.items()]
+            worst = max(d.max().item() for d in diffs)
+            changed = sum(int((d != 0).sum()) for d in diffs)
+            errors.append(Stats.of([worst], "error", f"({changed} weights changed)" if changed else ""))
+    if cycles == 1:
+        errors.append(errors[0])
+    return errors
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Peak memory of a training step with dropout (separate processes, see benchmarks.memory)
+# ----------------------------------------------------------------------------------------------------------------
+def section_memory(ctx: Context) -> list[Row]:
+    results: dict[str, list[dict]] = {n: [] for n in w.LIB_NAMES}
+    failed: dict[str, str] = {}
+    for run in range(ctx.memory_runs):
+        for n in (w.LIB_NAMES if run % 2 == 0 else w.LIB_NAMES[::-1]):
+            if n in failed:
+                continue
+            log(f"memory: {n}, training step with dropout {memory.DROPOUT} in a fresh process ({run + 1}/{ctx.memory_runs})")
+            try:
+                results[n].append(memory.measure(n, ctx.scale is w.TINY, ctx.threads))
+            except Exception as exc:  # noqa: BLE001
+                failed[n] = failure_text(exc)
+                ctx.errors.append(f"memory, {n}: {failed[n]}")
+
+    def cells(key: str):
+        out = {n: failed.get(n) or Stats.of([r[key] for r in results[n]], "mib") for n in w.LIB_NAMES}
+        pairs = list(zip(results["lorakit"], results["peft"]))
+        ratio = Stats.of([a[key] / b[key] for a, b in pairs], "ratio") if pairs and not failed else None
+        return out["lorakit"], out["peft"], ratio
+
+    batch, tokens = ctx.scale.train
+    return [
+        Row(f"peak memory rise, training step {batch}×{tokens}, dropout {memory.DROPOUT}", *cells("step_peak_mib"),
+            Target("ratio", "<", 1.0, "below PEFT")),
+        Row("tensors saved for backward, same step", *cells("saved_mib")),
+    ]
+
+
+SECTIONS: dict[str, Callable[[Context], list[Row]]] = {
+    "main": section_main,
+    "mixed": section_mixed,
+    "inject": section_inject,
+    "roundtrip": section_roundtrip,
+    "memory": section_memory,
+}
+
+
+def run_section(name: str, ctx: Context) -> list[Row]:
+    """Run one section; a section that cannot even start becomes one row saying why."""
+    try:
+        return SECTIONS[name](ctx)
+    except Unsupported as exc:
+        return [Row(name, failure_text(exc), "—")]
+    except Exception as exc:  # noqa: BLE001 — report and go on with the other sections
+        ctx.errors.append(f"section {name}: {failure_text(exc)}")
+        return [Row(f"{name} (section failed)", failure_text(exc), "—")]
+    finally:
+        gc.collect()
