@@ -179,10 +179,10 @@ class Scale(nn.Module):
 
 
 class LoraScale(LoraLayer):
-    def _create_factors(self, adapter_name, r, dtype):
+    def _create_factors(self, adapter_name, r, dtype, device):
         n = self.base_layer.weight.shape[1]
-        self.lora_A[adapter_name] = nn.Linear(n, r, bias=False, dtype=dtype)
-        self.lora_B[adapter_name] = nn.Linear(r, 1, bias=False, dtype=dtype)
+        self.lora_A[adapter_name] = nn.Linear(n, r, bias=False, dtype=dtype, device=device)
+        self.lora_B[adapter_name] = nn.Linear(r, 1, bias=False, dtype=dtype, device=device)
 
     def _add_adapter_output(self, out, x, adapter_name):
         return out + x * (self.delta_weight(adapter_name)).to(x.dtype)

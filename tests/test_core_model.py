@@ -297,6 +297,9 @@ def test_adapter_name_errors():
         model.add_adapter("default", LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="'a.b'"):
         model.add_adapter("a.b", LoraConfig(target_modules=["q_proj"]))
+    for reserved in ("__base__", "double", "lora_x"):
+        with pytest.raises(ValueError, match="reserved"):
+            model.add_adapter(reserved, LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(TypeError):
         get_peft_model(tiny_llama(), {"r": 8})
 

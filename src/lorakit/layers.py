@@ -83,6 +83,12 @@ def unmerge_weight(weight: Tensor, delta: Tensor, fixups: tuple[Tensor, Tensor])
         weight.copy_(back)
 
 
+def _kaiming_uniform_(t: Tensor) -> Tensor:
+    """``nn.init.kaiming_uniform_(t, a=sqrt(5))`` (torch's default for Linear/Conv weights): U(±1/sqrt(fan_in))."""
+    bound = 1 / math.sqrt(t[0].numel())
+    return t.uniform_(-bound, bound)
+
+
 def _adapter_dtype(weight: Tensor) -> torch.dtype:
     """Adapters train in float32 on half-precision bases (PEFT's ``autocast_adapter_dtype``), else in the base's."""
     if weight.dtype in (torch.float16, torch.bfloat16) or not weight.dtype.is_floating_point:
@@ -129,6 +135,7 @@ class LoraLayer(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.training = base_layer.training  # new parts follow the mode of the layer they adapt
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -173,8 +180,8 @@ class LoraLayer(nn.Module):
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"rank r={r!r} for adapter {adapter_name!r} is invalid: expected a positive int")
         weight = self.base_layer.weight
-        with torch.device(weight.device if weight.device.type != "meta" else "cpu"):
-            self._create_factors(adapter_name, r, dtype=_adapter_dtype(weight))
+        device = weight.device if weight.device.type != "meta" else torch.device("cpu")
+        self._create_factors(adapter_name, r, dtype=_adapter_dtype(weight), device=device)
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.dropout_p[adapter_name] = float(lora_dropout)
         self.r[adapter_name] = r
@@ -182,7 +189,12 @@ class LoraLayer(nn.Module):
         self.use_rslora[adapter_name] = use_rslora
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
-        self.train(self.base_layer.training)  # new parts follow the mode of the layer they adapt
+        self.lora_dropout[adapter_name].train(self.training)
+        trainable = adapter_name in self.active_adapters
+        for layer_name in self.adapter_layer_names:
+            item = getattr(self, layer_name)[adapter_name]
+            for p in item.parameters() if isinstance(item, nn.Module) else [item]:
+                p.requires_grad_(trainable)
         self._refresh()
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
@@ -192,15 +204,16 @@ class LoraLayer(nn.Module):
         A, B = self._factor_params(adapter_name)
         with torch.no_grad():
             if init_lora_weights == "gaussian":
-                nn.init.normal_(A, std=1 / self.r[adapter_name])
+                A.normal_(std=1 / self.r[adapter_name])
             else:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+                _kaiming_uniform_(A)
             if init_lora_weights is False:
-                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+                _kaiming_uniform_(B)
             else:
-                nn.init.zeros_(B)
+                B.zero_()
 
-    def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype) -> None:
+    def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate one adapter's factors (uninitialised: :meth:`reset_lora_parameters` fills them)."""
         raise NotImplementedError
 
     def _factor_params(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
@@ -373,6 +386,19 @@ class LoraLayer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # One class per kind of base layer
 # ----------------------------------------------------------------------------------------------------------------
+class Factor(nn.Linear):
+    """A bias-free ``nn.Linear`` whose weight is allocated but not initialised.
+
+    ``nn.Linear`` initialises in its constructor and LoRA re-initialises right after; skipping the first one
+    halves the cost of building adapters (the conv factors are rare enough to take the plain constructors).
+    """
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self.register_parameter("bias", None)
+
 class Linear(LoraLayer):
     """``nn.Linear`` and transformers' GPT-2 ``Conv1D`` (weight stored ``in × out``, detected by class)."""
 
@@ -386,9 +412,9 @@ class Linear(LoraLayer):
     def fan_in_fan_out(self) -> bool:
         return self.transpose_delta
 
-    def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype) -> None:
-        self.lora_A[adapter_name] = _uninitialised(nn.Linear, self.in_features, r, bias=False, dtype=dtype)
-        self.lora_B[adapter_name] = _uninitialised(nn.Linear, r, self.out_features, bias=False, dtype=dtype)
+    def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.lora_A[adapter_name] = Factor(self.in_features, r, dtype, device)
+        self.lora_B[adapter_name] = Factor(r, self.out_features, dtype, device)
 
     def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
         A = self.lora_A[adapter_name].weight
@@ -425,9 +451,9 @@ class Embedding(LoraLayer):
         self.lora_embedding_B = nn.ParameterDict()
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
 
-    def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype) -> None:
-        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype))
-        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype))
+    def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=device))
 
     def _factor_params(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
         return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
@@ -477,7 +503,7 @@ class Conv(LoraLayer):
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         self._kernel_dims = base_layer.weight.dim() - 2
 
-    def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype) -> None:
+    def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         base = self.base_layer
         groups = base.groups
         if r % groups:
@@ -485,19 +511,19 @@ class Conv(LoraLayer):
                 f"rank r={r} is not divisible by the conv's groups={groups} ({type(base).__name__}); "
                 "choose a rank that is a multiple of groups"
             )
-        weight = torch.empty(r, base.in_channels, *base.kernel_size, dtype=dtype)
+        weight = torch.empty(r, base.in_channels, *base.kernel_size, dtype=dtype, device=device)
         conv = _torch_class(base)
         if type(base).forward is not conv.forward:
             self.lora_A[adapter_name] = _conv_twin(base, weight)
         else:
-            self.lora_A[adapter_name] = _uninitialised(
-                conv, base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
-                bias=False, padding_mode=base.padding_mode, dtype=dtype,
+            self.lora_A[adapter_name] = conv(
+                base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+                bias=False, padding_mode=base.padding_mode, dtype=dtype, device=device,
             )
         ones = (1,) * self._kernel_dims
         conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[self._kernel_dims]
-        self.lora_B[adapter_name] = _uninitialised(
-            conv_cls, r, self.out_features, ones, ones, groups=groups, bias=False, dtype=dtype
+        self.lora_B[adapter_name] = conv_cls(
+            r, self.out_features, ones, ones, groups=groups, bias=False, dtype=dtype, device=device
         )
 
     def check_mergeable(self) -> None:
@@ -516,12 +542,6 @@ class Conv(LoraLayer):
         h = A(self.lora_dropout[adapter_name](x.to(A.weight.dtype)))
         y = self.lora_B[adapter_name](h) * self.scaling[adapter_name]
         return out + y.to(out.dtype)
-
-
-def _uninitialised(cls: type, *args, **kwargs) -> nn.Module:
-    """``cls(*args, **kwargs)`` with its parameters allocated but not initialised (reset_lora_parameters does it
-    once; building then re-initialising would be twice the work)."""
-    return torch.nn.utils.skip_init(cls, *args, device=torch.get_default_device(), **kwargs)
 
 
 def _torch_class(module: nn.Module) -> type:

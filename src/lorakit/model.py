@@ -33,6 +33,22 @@ def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
     return None
 
 
+def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules()`` that does not enter lorakit's own layers: their insides (one A, B, dropout per adapter)
+    are ours, and skipping them keeps every walk's cost independent of how many adapters exist."""
+    seen = set()
+    stack = [(prefix, module)]
+    while stack:
+        name, m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        yield name, m
+        if not isinstance(m, (LoraLayer, ModulesToSaveWrapper)):
+            children = [(f"{name}.{k}" if name else k, c) for k, c in m._modules.items() if c is not None]
+            stack.extend(reversed(children))
+
+
 def _parent_and_child(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
@@ -51,7 +67,7 @@ def _head_names(model: nn.Module, task_type: Optional[str]) -> set[str]:
         heads.append(out)
     elif task_type == "SEQ_CLS":
         heads += [getattr(model, n) for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Module)]
-    return {name for name, m in model.named_modules() for h in heads if m is h or _base_of(m) is h}
+    return {name for name, m in _walk(model) for h in heads if m is h or _base_of(m) is h}
 
 
 class LoraModel(nn.Module):
@@ -64,10 +80,9 @@ class LoraModel(nn.Module):
         self.model = model
         self.training = model.training
         self.peft_config: dict[str, LoraConfig] = {}
-        self.active_adapters: list[str] = []
         self._requires_grad_before: dict[str, bool] = {n: p.requires_grad for n, p in model.named_parameters()}
+        self.active_adapters: list[str] = [adapter_name]
         self.inject_adapter(config, adapter_name)
-        self.set_adapter(adapter_name)
 
     # -- pass-through ---------------------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
@@ -118,17 +133,12 @@ class LoraModel(nn.Module):
 
     # -- what is in the model -------------------------------------------------------------------------------------
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
-        for name, module in self.model.named_modules():
+        for name, module in _walk(self.model):
             if isinstance(module, LoraLayer):
                 yield name, module
 
-    def _wrappers(self) -> Iterator[ModulesToSaveWrapper]:
-        for module in self.model.modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                yield module
-
     def _adapter_modules(self) -> Iterator[nn.Module]:
-        for module in self.model.modules():
+        for _, module in _walk(self.model):
             if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
                 yield module
 
@@ -153,17 +163,15 @@ class LoraModel(nn.Module):
             raise ValueError(f"adapter_name={adapter_name!r} is invalid: expected a non-empty name without '.'")
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or pick another name")
-        if adapter_name in ("__base__",) or adapter_name.startswith(self.prefix):
-            raise ValueError(f"adapter_name={adapter_name!r} is reserved")
+        if adapter_name == BASE or adapter_name.startswith(self.prefix) or hasattr(nn.ModuleDict(), adapter_name):
+            raise ValueError(
+                f"adapter_name={adapter_name!r} is reserved (it is {BASE!r}, starts with {self.prefix!r}, or is an "
+                "nn.Module attribute such as 'double' or 'to'); pick another name"
+            )
 
-        # One walk over the model: names, and which are linear (for "all-linear"), skipping our own internals.
+        # One walk over the model: names, and which are linear (for "all-linear"), not entering our own layers.
         names, linear, kinds = [], [], {}
-        skip: tuple[str, ...] = ()
-        for name, module in self.model.named_modules():
-            if skip and name.startswith(skip):
-                continue
-            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
-                skip = skip + (name + ".",)
+        for name, module in _walk(self.model):
             names.append(name)
             base = _base_of(module)
             kind = lora_layer_for(base) if not isinstance(module, ModulesToSaveWrapper) else None
@@ -187,21 +195,21 @@ class LoraModel(nn.Module):
                 module, kind = kinds[t.name]
                 if not isinstance(module, LoraLayer):
                     layer = kind(module)
+                    layer.active_adapters = list(self.active_adapters)
                     parent, child = _parent_and_child(self.model, t.name)
                     setattr(parent, child, layer)
                     created.append((t.name, module))
                     module = layer
                 else:
                     updated.append(module)
-                module.update_layer(
+                module.update_layer(  # trainable only if active: the cost does not grow with the adapter count
                     adapter_name, t.r, t.alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora
                 )
-                module.set_adapter(self.active_adapters)
             for name in save_names:
                 module = self.model.get_submodule(name)
                 if isinstance(module, ModulesToSaveWrapper):
                     updated.append(module)
-                    module.update(adapter_name)
+                    module.update(adapter_name, trainable=adapter_name in self.active_adapters)
                 else:
                     wrapper = ModulesToSaveWrapper(module, adapter_name)
                     parent, child = _parent_and_child(self.model, name)
@@ -220,7 +228,8 @@ class LoraModel(nn.Module):
                 parent, child = _parent_and_child(self.model, name)
                 setattr(parent, child, original)
             raise
-        self._mark_trainable()
+        if adapter_name in self.active_adapters:
+            self._mark_trainable()  # the first adapter: freeze the base, apply the bias choice
 
     _ADAPTER_KEY = r"(?:^|\.)(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B|modules_to_save)\.{}(?:\.|$)"
 

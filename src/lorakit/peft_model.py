@@ -83,7 +83,6 @@ class PeftModel(nn.Module):
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add a new adapter (inactive until :meth:`set_adapter`)."""
         self.base_model.inject_adapter(self._prepare_config(self.get_base_model(), peft_config), adapter_name)
-        self.base_model.set_adapter(self.base_model.active_adapters)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         self.base_model.set_adapter(adapter_name)
@@ -134,10 +133,12 @@ class PeftModel(nn.Module):
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
-        selected_adapters: Optional[Sequence[str]] = None,
         safe_serialization: bool = True,
+        selected_adapters: Optional[Sequence[str]] = None,
         **kwargs: Any,
     ) -> None:
+        """Write each selected adapter (default: all) as PEFT's adapter_config.json + adapter_model.safetensors;
+        ``default`` at the top of ``save_directory``, others in a subfolder of their name. PEFT's argument order."""
         from .checkpoint import save_adapters
 
         save_adapters(self, save_directory, selected_adapters, safe_serialization, **kwargs)
