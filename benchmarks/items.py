@@ -80,6 +80,17 @@ def section_main(ctx: Context) -> list[Row]:
         m.eval()
         m.zero_grad(set_to_none=True)
 
+    log(f"training step {s.train[0]}×{s.train[1]}, dropout {memory.DROPOUT}")
+    dropped = _both(lambda n: w.wrap(w.library(n), copy.deepcopy(ctx.base), s, dropout=memory.DROPOUT))
+    w.check_same_outputs(dropped["lorakit"], dropped["peft"], probe, "one adapter with dropout, eval mode")
+    g = Group(ctx.errors)
+    for n, m in dropped.items():
+        g.add(n, lambda m=m: w.TrainStep(m.train(), ids))
+    g.run(ctx.heavy_rounds)
+    rows.append(Row(f"training step, batch {s.train[0]}×{s.train[1]}, dropout {memory.DROPOUT}", g.cell("lorakit"),
+                    g.cell("peft"), g.ratio("lorakit", "peft")))
+    del dropped
+
     log(f"prefill {s.prefill[0]}×{s.prefill[1]}")
     ids = w.token_ids(s, *s.prefill)
     g = Group(ctx.errors)

@@ -42,7 +42,7 @@ def test_quick_mode_prints_the_table_with_ratios(quick_run):
     assert "threads: 1" in out and "load average at start" in out and "command: python -m benchmarks.bench" in out
     rows = _table(out)
     compared = [
-        "training step, batch 2×16", "prefill, batch 2×16", "decode step, batch 1, cache 8, unmerged",
+        "training step, batch 2×16", "training step, batch 2×16, dropout 0.1", "prefill, batch 2×16", "decode step, batch 1, cache 8, unmerged",
         "decode step, merged", "merge_adapter", "unmerge_adapter", "save_pretrained",
         "from_pretrained (PEFT's files)", "get_peft_model, 4-layer model", "add_adapter, 2nd adapter",
         "add_adapter, 4th adapter", "mixed decode, 2 adapters (batch 2, cache 8)",
