@@ -48,27 +48,39 @@ def lora_delta(A: Tensor, B: Tensor, scaling: float, weight_shape: Sequence[int]
     delta = B.flatten(1).to(dtype) @ A.flatten(1).to(dtype)
     if transpose:
         delta = delta.T
-    return (delta * scaling).reshape(weight_shape)
+    return delta.mul_(scaling).reshape(weight_shape)
 
 
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _shifted(weight: Tensor, delta: Tensor, sign: float) -> Tensor:
+    """``weight + sign·delta`` computed in at least float32 and rounded once to the weight's dtype (a new tensor).
+
+    The delta is a materialised tensor on purpose: a fused ``addmm_`` accumulates it in several roundings,
+    and then the subtraction no longer mirrors the addition.
+    """
+    compute = torch.promote_types(weight.dtype, delta.dtype)
+    return weight.to(compute).add(delta.to(compute), alpha=sign).to(weight.dtype)
 
 
 def merge_weight(weight: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
     """Add ``delta`` to ``weight`` in place, rounding once, and return what exact unmerging needs.
 
     Rounding ``W + Δ`` to the weight's dtype loses bits, so ``(W + Δ) − Δ`` is not always ``W`` again (PEFT's
-    bf16 drift). Most elements do come back; the few that don't are recorded here (flat index, original value)
-    so :func:`unmerge_weight` restores the original weight bit for bit.
+    bf16 drift). Most elements do come back; the others (mostly where ``|Δ|`` rivals ``|W|`` or the sum changes
+    binade) are recorded here as (flat index, original value), so :func:`unmerge_weight`, which repeats exactly
+    the subtraction checked here, restores ``W`` bit for bit. Their number grows with ``|Δ|/|W|``.
     """
     with torch.no_grad():
-        compute = torch.promote_types(weight.dtype, delta.dtype)
-        merged = (weight.to(compute) + delta.to(compute)).to(weight.dtype)
-        back = (merged.to(compute) - delta.to(compute)).to(weight.dtype)
+        merged = _shifted(weight, delta, 1.0)
+        back = _shifted(merged, delta, -1.0)
         bits = _BITS.get(weight.dtype)
         wrong = back.view(bits) != weight.view(bits) if bits is not None else back != weight
-        index = wrong.flatten().nonzero().squeeze(1)
-        original = weight.flatten()[index].clone()
+        index = wrong.view(-1).nonzero().squeeze(1)
+        if weight.numel() < 2**31:
+            index = index.to(torch.int32)
+        original = weight.reshape(-1)[index.long()].clone()
         weight.copy_(merged)
     return index, original
 
@@ -77,9 +89,8 @@ def unmerge_weight(weight: Tensor, delta: Tensor, fixups: tuple[Tensor, Tensor])
     """Undo :func:`merge_weight` in place: subtract ``delta`` and put back the recorded elements."""
     index, original = fixups
     with torch.no_grad():
-        compute = torch.promote_types(weight.dtype, delta.dtype)
-        back = (weight.to(compute) - delta.to(compute)).to(weight.dtype)
-        back.view(-1)[index] = original
+        back = _shifted(weight, delta, -1.0)
+        back.view(-1)[index.long()] = original
         weight.copy_(back)
 
 
