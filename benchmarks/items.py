@@ -106,6 +106,7 @@ def section_main(ctx: Context) -> list[Row]:
     for n, m in models.items():
         g.add(n, lambda m=m: w.Decode(m, cache, ctx.calls))
         g.add(f"{n} merged", lambda m=m: _merged(m, w.Decode(m, cache, ctx.calls)))
+    g.add("minimal", lambda: _minimal(ctx, models["lorakit"], cache, probe))
     g.run(ctx.rounds)
     rows += [
         Row(f"decode step, batch 1, cache {s.cache}, unmerged", g.cell("lorakit"), g.cell("peft"),
@@ -114,6 +115,8 @@ def section_main(ctx: Context) -> list[Row]:
             g.ratio("lorakit merged", "peft merged")),
         Row("decode unmerged / merged", g.ratio("lorakit", "lorakit merged"), g.ratio("peft", "peft merged"),
             None, Target("lorakit", "<=", 1.10, "≤ 1.10")),
+        Row("reference: hand-written minimal LoRA, decode unmerged / merged", g.ratio("minimal", "lorakit merged"),
+            "—"),
     ]
 
     log("merge / unmerge")
@@ -142,6 +145,13 @@ def _merged(model: nn.Module, measure: Callable[[], float]) -> Callable[[], floa
 
     run()  # fail at setup, not in the rounds, if merging is broken
     return run
+
+
+def _minimal(ctx: Context, adapted: nn.Module, cache, probe) -> Callable[[], float]:
+    """Decode with :class:`~benchmarks.workloads.MinimalLora` layers (checked to compute what ``adapted`` does)."""
+    minimal = w.minimal_lora(ctx.base, adapted, ctx.scale)
+    w.check_same_outputs(minimal, adapted, probe, "hand-written minimal LoRA")
+    return w.Decode(minimal, cache, ctx.calls)
 
 
 def _merge_step(model: nn.Module, what: str) -> Callable[[], float]:

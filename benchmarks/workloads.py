@@ -131,6 +131,35 @@ def check_same_outputs(a: nn.Module, b: nn.Module, ids: torch.Tensor, what: str)
         raise BenchError(f"{what}: outputs differ (max |Δ| {(la - lb).abs().max().item():.2e})")
 
 
+class MinimalLora(nn.Module):
+    """The least an unmerged LoRA layer can do at inference: ``base(x)`` plus two small matmuls and a fused add.
+
+    Not a library: a reference floor for the decode overhead, built from an adapted model's factors.
+    """
+
+    def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
+        super().__init__()
+        self.base, self.A, self.B, self.scaling = base, A.detach().clone(), B.detach().clone(), scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        h = x @ self.A.T
+        return y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.B.T, alpha=self.scaling).view(y.shape)
+
+
+def minimal_lora(base: nn.Module, adapted: nn.Module, scale: Scale, adapter: str = "a0") -> nn.Module:
+    """A copy of ``base`` whose targeted linears are :class:`MinimalLora` with ``adapted``'s factors (inference only)."""
+    model = copy.deepcopy(base)
+    params = dict(adapted.named_parameters())
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in TARGETS:
+            A = params[f"base_model.model.{name}.lora_A.{adapter}.weight"]
+            B = params[f"base_model.model.{name}.lora_B.{adapter}.weight"]
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, MinimalLora(module, A, B, scale.alpha / scale.r))
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Operations
 # ----------------------------------------------------------------------------------------------------------------
