@@ -21,12 +21,12 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import convert
+from . import convert, distributed
 from .config import CONFIG_NAME, LoraConfig
 from .io import HUB_KWARGS, atomic_write_many, resolve_file
 from .layers import Linear as LoraLinear
@@ -54,6 +54,7 @@ def save_adapters(
     *,
     save_embedding_layers: bool | str = "auto",
     is_main_process: bool = True,
+    state_dict: Optional[Mapping[str, Tensor]] = None,
     **kwargs: Any,
 ) -> None:
     """Write each selected adapter (default: all) in PEFT's format: ``default`` into ``save_directory``, any
@@ -62,12 +63,19 @@ def save_adapters(
     ``save_embedding_layers`` (PEFT's option): ``"auto"`` also stores the base weights of a targeted embedding
     layer (``embed_tokens``/``lm_head``) or of embeddings whose vocabulary was resized since the base model's
     ``config.json`` (found locally or in the Hub cache; lorakit does not go online to check). ``is_main_process``
-    False writes nothing (distributed training).
+    False writes nothing (distributed training). ``state_dict`` (PEFT's option): the model's whole state, keyed as
+    ``peft_model.state_dict()``, to take the tensors from instead of the model (what accelerate gathered from an
+    FSDP model, say). A model sharded by FSDP2's ``fully_shard`` is gathered here instead: a collective, so every
+    rank must call ``save_pretrained``; rank 0 writes (:mod:`lorakit.distributed`).
     """
     if kwargs:
         raise TypeError(
             f"save_pretrained() got unexpected keyword arguments {sorted(kwargs)}; accepted: selected_adapters, "
-            "safe_serialization, save_embedding_layers, is_main_process"
+            "safe_serialization, save_embedding_layers, is_main_process, state_dict"
+        )
+    if state_dict is not None and not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"state_dict must be a dict of tensors keyed as model.state_dict(), got {type(state_dict).__name__}"
         )
     if not isinstance(safe_serialization, bool):
         raise TypeError(f"safe_serialization must be a bool, got {safe_serialization!r}")
@@ -78,17 +86,28 @@ def save_adapters(
     folder = Path(save_directory)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"save_directory {str(folder)!r} is a file; expected a folder (created if missing)")
-    if not is_main_process:
+    sharded = state_dict is None and distributed.is_sharded(peft_model)
+    if not is_main_process and not sharded:
         return
 
-    # Everything is gathered before the first byte is written.
-    jobs = []
+    # Everything is gathered before the first byte is written. Keys: as in peft_model.state_dict().
+    found = []
     for name in names:
         config = lora_model.peft_config[name]
-        tensors = convert.to_peft(lora_model.adapter_state(name), name)
+        tensors = {convert.PEFT_PREFIX + k: v for k, v in lora_model.adapter_state(name).items()}
         tensors.update(_embedding_tensors(lora_model, config, name, save_embedding_layers))
+        found.append((name, config, tensors))
+    if sharded:  # every rank is here; the whole tensors land on rank 0
+        state_dict = distributed.gather_full(peft_model, [k for *_, tensors in found for k in tensors])
+        if distributed.rank() != 0 or not is_main_process:
+            return
+    jobs = []
+    for name, config, tensors in found:
+        if state_dict is not None:
+            tensors = _taken_from(state_dict, tensors)
+        peft_keyed = convert.to_peft(convert.strip_peft_prefix(tensors), name)
         out = folder if name == "default" else folder / name
-        jobs.append((out, _for_disk(tensors), _config_json(lora_model, config, name)))
+        jobs.append((out, _for_disk(peft_keyed), _config_json(lora_model, config, name)))
 
     for out, tensors, config_text in jobs:
         out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +118,26 @@ def save_adapters(
         })
         # A weights file of the other format would be an older adapter, and loaders prefer safetensors.
         (out / stale).unlink(missing_ok=True)
+
+
+def _taken_from(state_dict: Mapping[str, Tensor], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The entries of ``state_dict`` named like ``tensors``, each checked for shape."""
+    missing = [k for k in tensors if k not in state_dict]
+    if missing:
+        raise KeyError(f"state_dict lacks {len(missing)} tensor(s) of the adapter, e.g. {missing[:5]}; expected the "
+                       "whole model's state keyed as model.state_dict()")
+    out = {}
+    for key, own in tensors.items():
+        given = state_dict[key]
+        if not isinstance(given, Tensor) or tuple(given.shape) != tuple(own.shape):
+            raise ValueError(f"state_dict[{key!r}] is {_describe(given)}; the model's tensor has shape "
+                             f"{tuple(own.shape)}")
+        out[key] = given
+    return out
+
+
+def _describe(value: Any) -> str:
+    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
 
 
 def _selected_adapters(lora_model, selected: Optional[Sequence[str]]) -> list[str]:

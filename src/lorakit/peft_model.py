@@ -29,6 +29,13 @@ class PeftModel(nn.Module):
         config = self._prepare_config(model, peft_config)
         self.base_model = LoraModel(model, config, adapter_name)
         self.training = model.training
+        checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5; then the old name
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if checkpointing and hasattr(model, "enable_input_require_grads"):
+            # Reentrant checkpointing gives a block no gradient unless its input needs one; the frozen embeddings'
+            # output does not, so the adapters inside would get none (PEFT does the same).
+            model.enable_input_require_grads()
 
     def _prepare_config(self, model: nn.Module, config: LoraConfig) -> LoraConfig:
         """A private copy of the user's config with what lorakit derives from the model filled in."""
