@@ -96,6 +96,30 @@ def test_segformer_example_config_matches_peft():
     assert_same_grads(ours, theirs)
 
 
+def test_segformer_adapter_with_batchnorm_head_round_trips(tmp_path):
+    """The decode head (in modules_to_save) holds a BatchNorm, whose num_batches_tracked buffer is an int64 tensor
+    in the adapter file: lorakit and PEFT both load it back."""
+    import peft
+
+    seg = load_example("segmentation")
+    base = seg.segformer().eval()
+    fresh = copy.deepcopy(base)
+    model = lorakit.get_peft_model(base, seg.lora_config(r=4))
+    images, labels = seg.make_shapes(4, size=32, seed=6)
+    seg.train(model, images, labels, steps=2, lr=1e-2, batch=4)  # moves the head's batch-norm statistics
+    head = model.get_base_model().decode_head.modules_to_save["default"]
+    assert head.batch_norm.num_batches_tracked.item() == 2
+    model.save_pretrained(tmp_path)
+    expected = seg.pixel_logits(model, images)
+    ours = lorakit.PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path).eval()
+    for other in (ours, theirs):
+        torch.testing.assert_close(seg.pixel_logits(other, images), expected)
+    reloaded_head = ours.get_base_model().decode_head.modules_to_save["default"]
+    assert torch.equal(reloaded_head.batch_norm.running_mean, head.batch_norm.running_mean)
+    assert reloaded_head.batch_norm.num_batches_tracked.item() == 2
+
+
 def test_mean_iou_matches_scikit_learn():
     pytest.importorskip("sklearn", reason="scikit-learn is not installed (pip install 'lorakit[vision]')")
     from sklearn.metrics import jaccard_score

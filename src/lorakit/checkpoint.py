@@ -358,8 +358,12 @@ def _check_tensors(tensors: Any, source: str) -> dict[str, Tensor]:
     for key, value in tensors.items():
         if not isinstance(key, str) or not isinstance(value, Tensor):
             raise ValueError(f"{source}: entry {key!r} is not a named tensor")
-        if not value.is_floating_point():
-            raise ValueError(f"{source}: tensor {key!r} has dtype {value.dtype}; adapter tensors are floating point")
+        # integers too: modules_to_save copies carry buffers such as BatchNorm's num_batches_tracked (int64)
+        if not (value.is_floating_point() or value.dtype in (torch.int64, torch.int32)):
+            raise ValueError(
+                f"{source}: tensor {key!r} has dtype {value.dtype}; adapter tensors are floating point (or integer "
+                "buffers)"
+            )
     if not tensors:
         raise ValueError(f"{source} holds no tensors")
     return tensors
