@@ -35,7 +35,7 @@ def pang_lee() -> tuple[list[str], list[int]]:
     from gensim.test.utils import datapath
 
     sentences, labels = [], []
-    with open(datapath("pang_lee_polarity.cor"), encoding="cp1252", errors="replace") as f:
+    with open(datapath("pang_lee_polarity.cor"), encoding="cp1252") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
