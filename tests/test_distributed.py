@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import nn
+from transformers import LlamaForCausalLM  # noqa: F401  imported once here, not again in each forked process
 
 from conftest import tiny_llama
 from lorakit import LoraConfig, PeftModel, get_peft_model
@@ -45,8 +46,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _member(rank: int, fn, port: int, args: tuple) -> None:
+def _member(rank: int, fn, port: int, torchrun: bool, args: tuple) -> None:
     torch.set_num_threads(1)
+    if torchrun:  # what torchrun puts in the environment; fn joins the group itself
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
+        fn(rank, *args)
+        return
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
@@ -55,10 +61,12 @@ def _member(rank: int, fn, port: int, args: tuple) -> None:
         dist.destroy_process_group()
 
 
-def launch(fn, *args, timeout: float = 90) -> None:
-    """Run ``fn(rank, *args)`` in WORLD forked processes joined in one gloo group; a failure in any of them (its
-    traceback) or the deadline fails the test, and no process outlives the call."""
-    ctx = mp.start_processes(_member, args=(fn, free_port(), args), nprocs=WORLD, join=False, start_method="fork")
+def launch(fn, *args, timeout: float = 90, torchrun: bool = False) -> None:
+    """Run ``fn(rank, *args)`` in WORLD forked processes joined in one gloo group (or, with ``torchrun``, given
+    torchrun's environment to join it themselves); a failure in any of them (its traceback) or the deadline fails
+    the test, and no process outlives the call."""
+    ctx = mp.start_processes(_member, args=(fn, free_port(), torchrun, args), nprocs=WORLD, join=False,
+                             start_method="fork")
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=1):
@@ -418,3 +426,59 @@ def test_gradient_checkpointing_gives_the_same_gradients(case, reentrant):
     assert sorted(plain) == sorted(checkpointed)
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lorakit finetune under torchrun
+# ----------------------------------------------------------------------------------------------------------------
+def _finetune_member(rank: int, argv: list, rows_file: Path) -> None:
+    from lorakit import finetune
+    from lorakit.cli import main
+
+    rows, original = [], finetune.answer_logits
+
+    def recording(model, batch, *args):  # the rows each training step of this process sees
+        if model.training:
+            rows.append(len(batch["input_ids"]))
+        return original(model, batch, *args)
+
+    finetune.answer_logits = recording
+    assert main(argv) == 0
+    Path(f"{rows_file}{rank}").write_text(json.dumps(rows))
+
+
+def test_finetune_under_torchrun_equals_one_process(tmp_path, capfd):
+    """Two processes with torchrun's environment run ``lorakit finetune`` as one: each trains on its share of
+    every batch (one batch has a single row, so one process gets none), the adapter equals a one-process run's,
+    and only rank 0 logs and writes."""
+    from test_cli import QA, make_llama, make_tokenizer
+
+    from lorakit.cli import main
+
+    tok = make_tokenizer()
+    make_llama(len(tok)).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in QA), encoding="utf-8")
+    # 16 examples - 5 held out = 11: batches of 5, 5 and 1 in the 3 steps
+    argv = ["finetune", "--model", tmp_path / "llama", "--data", data, "--eval-split", 5, "--batch-size", 5,
+            "--steps", 3, "--save-every", 2, "--samples", 0, "--r", 4, "--alpha", 8, "--lr", 1e-2, "--seed", 1]
+    argv = [str(a) for a in argv]
+
+    launch(_finetune_member, argv + ["--out", str(tmp_path / "two")], tmp_path / "rows", torchrun=True)
+    two = capfd.readouterr()
+    rows = [json.loads(Path(f"{tmp_path / 'rows'}{rank}").read_text()) for rank in range(WORLD)]
+    assert sorted(rows[0]) == [1, 3, 3] and rows[1] == [2, 2]  # each step's batch split, 11 examples in all
+    assert main(argv + ["--out", str(tmp_path / "one")]) == 0
+    one = capfd.readouterr()
+
+    assert two.out.count("held-out perplexity") == one.out.count("held-out perplexity") > 0
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
+    assert os.listdir(tmp_path / "two" / "checkpoints") == os.listdir(tmp_path / "one" / "checkpoints")
+    saved_one, saved_two = load_file(tmp_path / "one" / SAFE), load_file(tmp_path / "two" / SAFE)
+    assert sorted(saved_one) == sorted(saved_two)
+    for key in saved_one:
+        torch.testing.assert_close(saved_two[key], saved_one[key], msg=key)
+    losses_one = json.loads((tmp_path / "one" / "metrics.json").read_text())["losses"]
+    losses_two = json.loads((tmp_path / "two" / "metrics.json").read_text())["losses"]
+    torch.testing.assert_close(losses_two, losses_one)

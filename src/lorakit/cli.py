@@ -111,12 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _finetune(args: argparse.Namespace) -> None:
+    from .distributed import torchrun_group
     from .finetune import Settings, run
 
     fields = {f.name for f in dataclasses.fields(Settings)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None and v is not False}
     settings = Settings(**given)
-    run(settings, explicit=set(given))
+    with torchrun_group():  # under torchrun: the processes train as one (see finetune.run)
+        run(settings, explicit=set(given))
 
 
 def _merge(args: argparse.Namespace) -> None:

@@ -5,11 +5,16 @@ the trainable adapter parameters take part in the gradient all-reduce. FSDP2 (``
 it replaces each parameter by a ``DTensor`` of which a rank holds one shard, so saving an adapter must first
 gather the shards. That gather is a collective (every rank must take part, or the others wait forever) and its
 result lands on rank 0's CPU only, so rank 0 alone writes the files.
+
+``lorakit finetune`` under ``torchrun`` uses no wrapper: :func:`torchrun_group` joins the group torchrun sets up,
+and :func:`sum_over_ranks` sums the gradients of each rank's share of a batch.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+import os
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -62,3 +67,42 @@ def gather_full(module: nn.Module, keys: Iterable[str]) -> dict[str, Tensor]:
         )
     return {k: full[k] for k in keys}
 
+
+
+def sum_over_ranks(params: Iterable[Tensor], *numbers: float) -> list[float]:
+    """Sum every parameter's gradient (a missing one counts as zeros) and ``numbers`` over all ranks, in one
+    collective; returns the summed numbers. With one process the numbers come back as they are and the
+    gradients are left alone.
+
+    Data-parallel training without a DDP wrapper: each rank backpropagates its share of the batch, and after
+    this every rank holds the gradient of the whole batch (in float64 while summed, so the order of the ranks
+    does not matter beyond rounding).
+    """
+    if world_size() == 1:
+        return [float(n) for n in numbers]
+    params = list(params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1).double() for p in params] + [torch.tensor(numbers, dtype=torch.float64)])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+    return flat[offset:].tolist()
+
+
+@contextlib.contextmanager
+def torchrun_group(backend: str = "gloo") -> Iterator[None]:
+    """Inside the block, the default process group that ``torchrun`` asks for (``WORLD_SIZE`` > 1 and the
+    rendezvous address in the environment), unless one exists already; outside ``torchrun``, nothing."""
+    dist = torch.distributed
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group(backend)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

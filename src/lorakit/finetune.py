@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import data as D
+from . import distributed
 from .config import LoraConfig
 from .io import atomic_write_text
 from .targeting import list_entry_matches
@@ -65,9 +66,9 @@ class Settings:
     targets: str = "all-linear"
     dropout: float = 0.0
     lr: float = 2e-3
-    steps: int = 120
+    steps: int = 16
     batch_size: int = 8
-    max_length: int = 256
+    max_length: int = 128
     eval_split: Optional[float] = None  # None: 100 examples for the corpus, 10% for --data
     out: Optional[str] = None  # None: runs/<model>-<data>
     seed: int = 0
@@ -122,6 +123,10 @@ def _forward_options(cls: type) -> tuple[bool, Optional[str]]:
         mask_slicing = False
     cache = next((name for name in ("cache", "past_key_values") if name in params), None)
     return mask_slicing and "logits_to_keep" in params, cache
+
+
+def _quiet(line: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -387,12 +392,19 @@ def run(settings: Settings, log: Callable[[str], None] = print,
     ``on_step(step, loss)`` is called after each optimizer step (and after its checkpoint, if one is due).
     ``explicit`` names the settings the user gave (the CLI's case): with ``--resume`` the others are taken from
     the run being continued. ``None`` means all were given.
+
+    In a process group (``torchrun``; the CLI joins it) each process trains on its share of every batch and
+    the gradients are summed over the processes, so the steps are those of one process on the whole batch. Rank 0
+    alone logs, writes checkpoints and files and scores the trained model; the other ranks return ``{}``.
     """
     from .loading import load_causal_lm
     from .peft_model import PeftModel, get_peft_model
 
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     settings.check()
+    rank, world = distributed.rank(), distributed.world_size()
+    if rank:
+        log = _quiet
     out = Path(settings.out) if settings.out else default_out(settings)
     checkpoint, saved = _resume_state(settings, out, explicit)
     if settings.threads:
@@ -484,30 +496,41 @@ def run(settings: Settings, log: Callable[[str], None] = print,
     model.train()
     t_train = time.perf_counter()
     tokens_seen = 0
-    bar = tqdm(total=settings.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, leave=True)
+    bar = tqdm(total=settings.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, leave=True,
+               disable=rank != 0)
     for step in range(start, settings.steps):
-        batch = D.collate([train[i] for i in plan(step)], pad_id)
+        rows = plan(step)[rank::world]  # this process's share of the batch (all of it with one process)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings.steps, settings.lr)
-        logits, targets = answer_logits(model, batch, prefix_len)
-        loss = F.cross_entropy(logits.float(), targets)
-        loss.backward()
+        loss_sum, n_targets, n_tokens = 0.0, 0, 0
+        if rows:
+            batch = D.collate([train[i] for i in rows], pad_id)
+            logits, targets = answer_logits(model, batch, prefix_len)
+            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+            loss.backward()
+            loss_sum, n_targets, n_tokens = loss.item(), targets.numel(), int(batch["attention_mask"].sum())
+        # the whole batch's summed gradient and loss on every process; then the mean over its answer tokens
+        loss_sum, n_targets, n_tokens = distributed.sum_over_ranks(params, loss_sum, n_targets, n_tokens)
+        for p in params:
+            p.grad.div_(n_targets)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        tokens_seen += int(batch["attention_mask"].sum())
+        losses.append(loss_sum / n_targets)
+        tokens_seen += int(n_tokens)
         elapsed = time.perf_counter() - t_train
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}", refresh=False)
         bar.update(1)
         done = step + 1
-        if (settings.save_every and done % settings.save_every == 0) or done == settings.steps:
+        if rank == 0 and ((settings.save_every and done % settings.save_every == 0) or done == settings.steps):
             save_checkpoint(out, model, state(done))
         if on_step is not None:
             on_step(done, losses[-1])
     bar.close()
     seconds_train += time.perf_counter() - t_train
     model.eval()
+    if rank:
+        return {}
 
     # -- after ------------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -537,7 +560,8 @@ def run(settings: Settings, log: Callable[[str], None] = print,
         "after": after,
         "merged": merged_metrics,
         "seconds": {"load": round(seconds_load, 2), "train": round(seconds_train, 2), "eval": round(t_eval, 2),
-                    "total": round(time.perf_counter() - t_start, 2)},
+                    "total": round(time.perf_counter() - t_start, 2),
+                    "cpu": round(time.process_time() - cpu_start, 2)},
         "peak_memory_mb": round(_peak_memory_mb(), 1),
         "threads": torch.get_num_threads(),
         "settings": settings.identity(),
@@ -547,7 +571,7 @@ def run(settings: Settings, log: Callable[[str], None] = print,
     log(f"\nsaved     adapter (PEFT format): {out}/adapter_config.json, {out}/adapter_model.safetensors\n"
         f"          loss curve: {out}/loss.png   metrics: {out}/metrics.json   checkpoint: {out / CHECKPOINTS}\n"
         f"time      {metrics['seconds']['total']:.0f} s in all (load {seconds_load:.0f} s, train {seconds_train:.0f} s, "
-        f"evaluation {t_eval:.0f} s); peak memory {metrics['peak_memory_mb']:.0f} MB")
+        f"evaluation {t_eval:.0f} s; {metrics['seconds']['cpu']:.0f} s of CPU time); peak memory {metrics['peak_memory_mb']:.0f} MB")
     if not agree:
         raise RuntimeError("the merged model scores differently from the adapted one: please report this as a bug")
     return metrics
