@@ -87,7 +87,8 @@ def model64() -> PeftModel:
     ``other`` is inactive and frozen, so DDP and FSDP see frozen and trainable adapter tensors side by side."""
     base = tiny_llama().double()
     torch.manual_seed(1)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["lm_head"]))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["lm_head"])
+    model = get_peft_model(base, config)
     torch.manual_seed(2)
     model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     return model.train()
@@ -253,7 +254,8 @@ def test_fsdp2_adapter_loaded_before_sharding_computes_and_trains(tmp_path):
     launch(_fsdp_load_member, tmp_path / "start", tmp_path)
 
     reference = PeftModel.from_pretrained(tiny_llama().double(), tmp_path / "start", is_trainable=True)
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), logits(reference, global_batch()), rtol=0, atol=1e-10)
+    sharded = torch.load(tmp_path / "logits.pt")
+    torch.testing.assert_close(sharded, logits(reference, global_batch()), rtol=0, atol=1e-10)
     reference.train()
     train(reference, global_batch(), 1)
     assert_saved(tmp_path / "after", reference, "default")
@@ -356,6 +358,12 @@ def test_trainer_checkpoints_are_adapters_best_model_and_resume_load_them(tmp_pa
     resumed = adapter_trainer(tmp_path / "resumed")
     resumed.train(resume_from_checkpoint=str(first))
     assert_same_state(model_state(resumed.model), file_state(second))
+
+
+def test_trainer_refuses_label_smoothing(tmp_path):
+    """transformers picks the label shift of a causal LM by the model's class name, which lorakit's is not."""
+    with pytest.raises(ValueError, match="label_smoothing_factor is not supported"):
+        adapter_trainer(tmp_path, label_smoothing_factor=0.1)
 
 
 def test_load_adapter_weights_checks_before_changing(tmp_path):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +68,6 @@ def gather_full(module: nn.Module, keys: Iterable[str]) -> dict[str, Tensor]:
     return {k: full[k] for k in keys}
 
 
-
 def sum_over_ranks(params: Iterable[Tensor], *numbers: float) -> list[float]:
     """Sum every parameter's gradient (a missing one counts as zeros) and ``numbers`` over all ranks, in one
     collective; returns the summed numbers. With one process the numbers come back as they are and the
@@ -84,7 +83,9 @@ def sum_over_ranks(params: Iterable[Tensor], *numbers: float) -> list[float]:
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1).double() for p in params] + [torch.tensor(numbers, dtype=torch.float64)])
+    device = params[0].device if params else torch.device("cpu")
+    extra = torch.tensor(numbers, dtype=torch.float64, device=device)
+    flat = torch.cat([p.grad.reshape(-1).double() for p in params] + [extra])
     torch.distributed.all_reduce(flat)
     offset = 0
     for p in params:
@@ -94,9 +95,10 @@ def sum_over_ranks(params: Iterable[Tensor], *numbers: float) -> list[float]:
 
 
 @contextlib.contextmanager
-def torchrun_group(backend: str = "gloo") -> Iterator[None]:
+def torchrun_group(backend: Optional[str] = None) -> Iterator[None]:
     """Inside the block, the default process group that ``torchrun`` asks for (``WORLD_SIZE`` > 1 and the
-    rendezvous address in the environment), unless one exists already; outside ``torchrun``, nothing."""
+    rendezvous address in the environment), unless one exists already; outside ``torchrun``, nothing.
+    ``backend`` None: torch's default (gloo for CPU tensors, and NCCL for CUDA ones where there is CUDA)."""
     dist = torch.distributed
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         yield
