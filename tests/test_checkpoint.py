@@ -561,8 +561,8 @@ def test_wrong_adapter_name_or_arguments(saved):
     expect_untouched(saved, TypeError, "device_map", device_map="auto")
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
     before = fingerprint(model)
-    with pytest.raises(ValueError, match="already exists"):
-        model.load_adapter(saved, "default")
+    with pytest.raises(ValueError, match=r"cannot overwrite adapter 'default': its \['r'\] differ"):
+        model.load_adapter(saved, "default")  # r=8 here, r=4 in the file
     assert_same_fingerprint(before, fingerprint(model))
     with pytest.raises(TypeError, match="max_shard_size"):
         model.save_pretrained(saved, max_shard_size="1GB")
@@ -648,3 +648,17 @@ def test_full_disk_in_a_subprocess_keeps_the_old_adapter(tmp_path):
     assert {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".")} == old
     model = PeftModel.from_pretrained(two_linears(), folder)
     assert isinstance(model.base_model.model[0], LoraLayer) and model.base_model.model[0].r["default"] == 2
+
+
+def test_load_adapter_into_an_existing_adapter_overwrites_its_weights(tmp_path):
+    """PEFT's behaviour (trainers reload checkpoints this way): same name, same settings -> weights replaced."""
+    kw = dict(target_modules=["q_proj", "v_proj"], r=4)
+    source = lorakit_source(tiny_llama, kw)
+    source.save_pretrained(tmp_path)
+    model = get_peft_model(tiny_llama(), LoraConfig(**kw))
+    model.add_adapter("other", LoraConfig(target_modules=["k_proj"]))
+    x = token_ids()
+    assert (run(model, x) - run(source, x)).abs().max() > 1e-3
+    model.load_adapter(tmp_path, "default")
+    torch.testing.assert_close(run(model, x), run(source, x), rtol=0, atol=0)
+    assert list(model.peft_config) == ["default", "other"]

@@ -130,6 +130,12 @@ def test_mixed_batch_errors():
         model(input_ids=ids, adapter_names=["default", "wide"])
     model.unmerge_adapter()
     model(input_ids=ids, adapter_names=["default", "wide"])  # fine again
+    model.get_base_model().gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(input_ids=ids, adapter_names=["default", "wide"])
+    with torch.no_grad():
+        model(input_ids=ids, adapter_names=["default", "wide"])  # inference recomputes nothing
     assert all(getattr(m, "_rows", None) is None for m in model.modules())  # nothing left behind
 
 

@@ -438,15 +438,21 @@ def load_adapter_into(
     **kwargs: Any,
 ) -> None:
     """``PeftModel.load_adapter``: add the saved adapter as ``adapter_name`` (not activated), frozen unless
-    ``is_trainable``. Any error leaves the model as it was."""
+    ``is_trainable``. If ``adapter_name`` exists already, its weights are overwritten in place (PEFT's behaviour,
+    which trainers rely on), provided the file's ranks and scalings are the adapter's. Any error leaves the
+    model as it was."""
     if not isinstance(is_trainable, bool):
         raise TypeError(f"is_trainable must be a bool, got {is_trainable!r}")
     hub, allow_pickle = _load_options(kwargs)
     lora_model = peft_model.base_model
-    if adapter_name in lora_model.peft_config:
-        raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or pick another name")
     config = read_config(model_id, subfolder, revision, **hub)
     tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, **hub)
+    if adapter_name in lora_model.peft_config:
+        _check_same_scaling(lora_model.peft_config[adapter_name], config, adapter_name, source)
+        fit = _FileAdapter(lora_model, adapter_name, tensors, source)
+        lora_model._load_adapter_state(adapter_name, fit)  # checks every key and shape before copying
+        fit.place()
+        return
     config.inference_mode = not is_trainable
     config = peft_model._prepare_config(peft_model.get_base_model(), config)
     fit = _FileAdapter(lora_model, adapter_name, tensors, source)
@@ -459,6 +465,18 @@ def load_adapter_into(
     lora_model.set_adapter(lora_model.active_adapters)
     if not is_trainable:
         peft_model.eval()
+
+
+def _check_same_scaling(current: LoraConfig, saved: LoraConfig, adapter_name: str, source) -> None:
+    """Overwriting an adapter's weights keeps its scalings: refuse a file whose settings would give others."""
+    fields = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+    differ = [f for f in fields if getattr(current, f) != getattr(saved, f)]
+    if differ:
+        raise ValueError(
+            f"{source} cannot overwrite adapter {adapter_name!r}: its {differ} differ from the adapter's "
+            f"({', '.join(f'{f}={getattr(saved, f)!r} vs {getattr(current, f)!r}' for f in differ)}); "
+            "load it under a new adapter_name"
+        )
 
 
 def load_peft_model(

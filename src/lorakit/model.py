@@ -25,6 +25,14 @@ from .targeting import inside_any, list_entry_matches, select_targets
 BASE = "__base__"  # in adapter_names: this row runs the base model alone
 
 
+def activation_checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model recomputes activations in backward (gradient checkpointing)."""
+    flag = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5; older ones use the old name
+    if flag is None:
+        flag = getattr(model, "is_gradient_checkpointing", False)
+    return bool(flag)
+
+
 def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
     """Rows in the call's main input (input_ids, inputs_embeds, pixel_values, … or the first tensor argument)."""
     for value in (*(kwargs.get(k) for k in ("input_ids", "inputs_embeds", "pixel_values", "sample", "x")), *args):
@@ -111,6 +119,11 @@ class LoraModel(nn.Module):
         merged = self.merged_adapter_names()
         if merged:
             raise ValueError(f"adapter(s) {merged} are merged into the weights; unmerge_adapter() before a mixed batch")
+        if torch.is_grad_enabled() and self.model.training and activation_checkpointing(self.model):
+            raise ValueError(
+                "mixed-adapter batches cannot train with gradient checkpointing: the recomputation in backward "
+                "runs after the batch's adapter assignment has ended; disable checkpointing or train per adapter"
+            )
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         index = torch.tensor([0 if n == BASE else unique.index(n) + 1 for n in adapter_names], device=device)
         rows = RowAdapters(unique, index)

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 from torch import nn
 
 from .config import LoraConfig
-from .model import LoraModel
+from .model import LoraModel, activation_checkpointing
 
 
 class PeftModel(nn.Module):
@@ -29,10 +29,7 @@ class PeftModel(nn.Module):
         config = self._prepare_config(model, peft_config)
         self.base_model = LoraModel(model, config, adapter_name)
         self.training = model.training
-        checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5; then the old name
-        if checkpointing is None:
-            checkpointing = getattr(model, "is_gradient_checkpointing", False)
-        if checkpointing and hasattr(model, "enable_input_require_grads"):
+        if activation_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
             # Reentrant checkpointing gives a block no gradient unless its input needs one; the frozen embeddings'
             # output does not, so the adapters inside would get none (PEFT does the same).
             model.enable_input_require_grads()
