@@ -340,3 +340,18 @@ def test_property_merge_equals_forward_and_unmerge_restores(n_in, n_out, r, alph
     torch.testing.assert_close(unmerged.double(), expected, atol=tol * scale, rtol=tol)
     model.unmerge_adapter()
     assert_bit_identical(state_copy(model.unload()), original)
+
+
+def test_task_models_name_their_inputs_for_the_trainer():
+    """transformers' Trainer keeps the dataset columns and finds the labels by reading forward's signature."""
+    import inspect
+
+    from transformers.utils import find_labels
+
+    model = get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    assert {"input_ids", "attention_mask", "labels"} <= set(inspect.signature(model.forward).parameters)
+    assert find_labels(type(model)) == ["labels"]
+    ids = token_ids()
+    torch.testing.assert_close(model(ids, labels=ids).loss, model(input_ids=ids, labels=ids).loss)
+    cls = get_peft_model(tiny_bert_cls(), LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    assert cls(input_ids=ids, labels=torch.tensor([0, 2])).loss.ndim == 0

@@ -177,28 +177,64 @@ class PeftModel(nn.Module):
         load_adapter_into(self, model_id, adapter_name, is_trainable, subfolder, revision, **kwargs)
 
 
-class PeftModelForCausalLM(PeftModel):
-    pass
+class _NamedInputs(PeftModel):
+    """Task models name their inputs in ``forward``, as PEFT's do: the transformers Trainer reads that signature
+    to keep dataset columns and find label names. Only the arguments given are passed on."""
+
+    def _call(self, adapter_names, named: dict, kwargs: dict):
+        kwargs.update({k: v for k, v in named.items() if v is not None})
+        return self.base_model(adapter_names=adapter_names, **kwargs)
 
 
-class PeftModelForSeq2SeqLM(PeftModel):
-    pass
+class PeftModelForCausalLM(_NamedInputs):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, adapter_names=None, **kwargs):
+        return self._call(adapter_names, dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        ), kwargs)
 
 
-class PeftModelForFeatureExtraction(PeftModel):
-    pass
+class PeftModelForSeq2SeqLM(_NamedInputs):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, adapter_names=None, **kwargs):
+        return self._call(adapter_names, dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+            decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict,
+        ), kwargs)
 
 
-class PeftModelForSequenceClassification(PeftModel):
+class PeftModelForFeatureExtraction(_NamedInputs):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, adapter_names=None, **kwargs):
+        return self._call(adapter_names, dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        ), kwargs)
+
+
+class PeftModelForSequenceClassification(PeftModelForCausalLM):
     task_modules_to_save = ("classifier", "score")
 
 
-class PeftModelForTokenClassification(PeftModel):
+class PeftModelForTokenClassification(PeftModelForCausalLM):
     task_modules_to_save = ("classifier", "score")
 
 
-class PeftModelForQuestionAnswering(PeftModel):
+class PeftModelForQuestionAnswering(_NamedInputs):
     task_modules_to_save = ("qa_outputs",)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, start_positions=None,
+                end_positions=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                adapter_names=None, **kwargs):
+        return self._call(adapter_names, dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            start_positions=start_positions, end_positions=end_positions, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict,
+        ), kwargs)
 
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
