@@ -17,7 +17,12 @@ import warnings
 
 from . import items
 from . import workloads as w
-from .harness import markdown_table
+from .harness import markdown_table, use_clock
+
+_CLOCK_TEXT = {
+    "cpu": "this process's CPU time: time the OS gives to other processes on a shared machine is left out",
+    "wall": "elapsed time",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,8 +30,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="few rounds (smoke test; numbers are rough)")
     parser.add_argument("--tiny", action="store_true", help="tiny models instead of the issue's (smoke test)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
+                        help="cpu: process CPU time (leaves out time the OS gives other processes); wall: elapsed; "
+                             "auto (default): cpu with one thread, wall with more")
     parser.add_argument("--rounds", type=int, help="rounds for cheap items (default 7, quick 2)")
     parser.add_argument("--heavy-rounds", type=int, help="rounds for training step and prefills (default 5, quick 2)")
+    parser.add_argument("--decode-rounds", type=int, help="rounds of one decode step each (default 60, quick 3)")
     parser.add_argument("--only", default=",".join(items.SECTIONS),
                         help=f"comma-separated sections to run (default all: {','.join(items.SECTIONS)})")
     args = parser.parse_args(argv)
@@ -57,11 +66,12 @@ def environment(args: argparse.Namespace) -> list[str]:
         f"lorakit {lorakit.__version__} vs peft {peft.__version__}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}, python {platform.python_version()}",
         f"threads: {torch.get_num_threads()} (torch.set_num_threads; --threads)",
+        f"clock: {args.clock} ({_CLOCK_TEXT[args.clock]}); save/load always wall-clock",
         f"CPU: {cpu}, {os.cpu_count()} cores; load average at start: {_load()}",
         f"model: LlamaConfig({model}); LoRA r={s.r} alpha={s.alpha} on {','.join(w.TARGETS)}",
         f"injection model: LlamaConfig({narrow})",
-        f"rounds: {args.ctx.rounds} (training step and prefills: {args.ctx.heavy_rounds}); decode: median of "
-        f"{args.ctx.calls} steps per round; round trip: {args.ctx.cycles} cycles; memory: "
+        f"rounds: {args.ctx.rounds} (training steps and prefills: {args.ctx.heavy_rounds}; decode: "
+        f"{args.ctx.decode_rounds} of one step each, mixed decode ¾ of that); round trip: {args.ctx.cycles} cycles; memory: "
         f"{args.ctx.memory_runs} fresh process(es) per library",
     ]
 
@@ -88,12 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.clock == "auto":
+        args.clock = "cpu" if args.threads == 1 else "wall"
+    use_clock(args.clock)
     args.scale = w.TINY if args.tiny else w.FULL
     args.ctx = items.Context(
         scale=args.scale,
         rounds=args.rounds or (2 if args.quick else 7),
         heavy_rounds=args.heavy_rounds or (2 if args.quick else 5),
-        calls=2 if args.quick else 10,
+        decode_rounds=args.decode_rounds or (3 if args.quick else 60),
         cycles=3 if args.quick else 10,
         threads=args.threads,
         memory_runs=1 if args.quick else 2,

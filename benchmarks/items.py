@@ -32,7 +32,7 @@ class Context:
     scale: w.Scale
     rounds: int  # rounds for cheap items
     heavy_rounds: int  # rounds for training step and prefills
-    calls: int  # decode steps per round (median taken)
+    decode_rounds: int  # rounds (one step each) for decode steps
     cycles: int  # merge/unmerge cycles for the round-trip error
     threads: int
     memory_runs: int  # fresh processes per library for the memory measurement
@@ -104,10 +104,10 @@ def section_main(ctx: Context) -> list[Row]:
     cache = w.make_cache(ctx.base, 1, s.cache, s)
     g = Group(ctx.errors)
     for n, m in models.items():
-        g.add(n, lambda m=m: w.Decode(m, cache, ctx.calls))
-        g.add(f"{n} merged", lambda m=m: _merged(m, w.Decode(m, cache, ctx.calls)))
+        g.add(n, lambda m=m: w.Decode(m, cache))
+        g.add(f"{n} merged", lambda m=m: w.Decode(_merged_copy(m, probe), cache))
     g.add("minimal", lambda: _minimal(ctx, models["lorakit"], cache, probe))
-    g.run(ctx.rounds)
+    g.run(ctx.decode_rounds, warmup=2)
     rows += [
         Row(f"decode step, batch 1, cache {s.cache}, unmerged", g.cell("lorakit"), g.cell("peft"),
             g.ratio("lorakit", "peft")),
@@ -133,25 +133,19 @@ def section_main(ctx: Context) -> list[Row]:
     return rows
 
 
-def _merged(model: nn.Module, measure: Callable[[], float]) -> Callable[[], float]:
-    """``measure`` run with the adapters merged (merging and unmerging are not timed)."""
-
-    def run() -> float:
-        model.merge_adapter()
-        try:
-            return measure()
-        finally:
-            model.unmerge_adapter()
-
-    run()  # fail at setup, not in the rounds, if merging is broken
-    return run
+def _merged_copy(model: nn.Module, probe) -> nn.Module:
+    """A copy of ``model`` with its adapter merged (checked to compute what the unmerged one does)."""
+    merged = copy.deepcopy(model)
+    merged.merge_adapter()
+    w.check_same_outputs(merged, model, probe, "merged copy")
+    return merged
 
 
 def _minimal(ctx: Context, adapted: nn.Module, cache, probe) -> Callable[[], float]:
     """Decode with :class:`~benchmarks.workloads.MinimalLora` layers (checked to compute what ``adapted`` does)."""
     minimal = w.minimal_lora(ctx.base, adapted, ctx.scale)
     w.check_same_outputs(minimal, adapted, probe, "hand-written minimal LoRA")
-    return w.Decode(minimal, cache, ctx.calls)
+    return w.Decode(minimal, cache)
 
 
 def _merge_step(model: nn.Module, what: str) -> Callable[[], float]:
@@ -169,7 +163,7 @@ def _merge_step(model: nn.Module, what: str) -> Callable[[], float]:
 
 def _save_load(ctx: Context, models: dict[str, nn.Module]) -> list[Row]:
     """save_pretrained of each library into fresh folders; from_pretrained of the files PEFT wrote, into a fresh
-    copy of the base model (the copy is not timed)."""
+    copy of the base model (the copy is not timed). Wall-clock time whatever the clock: both wait on the disk."""
     tmp = Path(tempfile.mkdtemp(prefix="lorakit-bench-"))
     try:
         models["peft"].save_pretrained(str(tmp / "reference"))
@@ -180,7 +174,7 @@ def _save_load(ctx: Context, models: dict[str, nn.Module]) -> list[Row]:
             def setup() -> Callable[[], float]:
                 def run() -> float:
                     target = tmp / f"{n}-{next(counter)}"
-                    t = timed(lambda: models[n].save_pretrained(str(target)))
+                    t = timed(lambda: models[n].save_pretrained(str(target)), wall=True)
                     shutil.rmtree(target)
                     return t
 
@@ -199,7 +193,7 @@ def _save_load(ctx: Context, models: dict[str, nn.Module]) -> list[Row]:
 
                 def run() -> float:
                     fresh = copy.deepcopy(ctx.base)
-                    return timed(lambda: lib.PeftModel.from_pretrained(fresh, str(reference)))
+                    return timed(lambda: lib.PeftModel.from_pretrained(fresh, str(reference)), wall=True)
 
                 return run
 
@@ -251,8 +245,8 @@ def section_mixed(ctx: Context) -> list[Row]:
             log(f"mixed {kind}, {k} adapters")
             if kind == "decode":
                 cache = w.make_cache(ctx.base, k, s.cache, s)
-                make = lambda m, **kw: w.Decode(m, cache, ctx.calls, **kw)  # noqa: E731
-                shape, rounds = f"batch {k}, cache {s.cache}", ctx.rounds
+                make = lambda m, **kw: w.Decode(m, cache, **kw)  # noqa: E731
+                shape, rounds = f"batch {k}, cache {s.cache}", max(1, ctx.decode_rounds * 3 // 4)
             else:
                 ids = w.token_ids(s, k, s.mixed_tokens)
                 make = lambda m, **kw: w.Prefill(m, ids, **kw)  # noqa: E731

@@ -8,15 +8,13 @@ or the ``peft`` module; only where lorakit may still lack a feature is the failu
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 from torch import nn
 
-from .harness import BenchError, Unsupported
+from .harness import BenchError, Unsupported, now
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LIB_NAMES = ("lorakit", "peft")
@@ -171,11 +169,11 @@ class TrainStep:
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def __call__(self) -> float:
-        start = time.perf_counter()
+        start = now()
         self.model(input_ids=self.ids, labels=self.ids).loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        return now() - start
 
 
 def make_cache(base: nn.Module, batch: int, tokens: int, scale: Scale):
@@ -189,26 +187,25 @@ def make_cache(base: nn.Module, batch: int, tokens: int, scale: Scale):
 
 
 class Decode:
-    """``calls`` single-token decode steps against a cache of fixed length; returns the median seconds per step.
+    """One single-token decode step against a cache of fixed length.
 
-    The cache is cut back by one token after every step (outside the timed region), so every step sees the same
-    cache length.
+    One step per round, so that the variants' steps alternate closely and the per-round ratio compares steps
+    taken moments apart. The cache is cut back by one token after the step (not timed), so every step sees the
+    same cache length.
     """
 
-    def __init__(self, model: nn.Module, cache, calls: int, **kwargs) -> None:
-        self.model, self.cache, self.calls, self.kwargs = model, copy.deepcopy(cache), calls, kwargs
+    def __init__(self, model: nn.Module, cache, **kwargs) -> None:
+        self.model, self.cache, self.kwargs = model, copy.deepcopy(cache), kwargs
         batch = self.cache.layers[0].keys.shape[0]
         self.token = torch.full((batch, 1), 7, dtype=torch.long)
 
     def __call__(self) -> float:
-        times = []
         with torch.no_grad():
-            for _ in range(self.calls):
-                start = time.perf_counter()
-                self.model(input_ids=self.token, cache=self.cache, use_cache=True, **self.kwargs)
-                times.append(time.perf_counter() - start)
-                self.cache.crop(-1)
-        return statistics.median(times)
+            start = now()
+            self.model(input_ids=self.token, cache=self.cache, use_cache=True, **self.kwargs)
+            seconds = now() - start
+        self.cache.crop(-1)
+        return seconds
 
 
 class Prefill:
@@ -219,9 +216,9 @@ class Prefill:
 
     def __call__(self) -> float:
         with torch.no_grad():
-            start = time.perf_counter()
+            start = now()
             self.model(input_ids=self.ids, logits_to_keep=1, **self.kwargs)
-            return time.perf_counter() - start
+            return now() - start
 
 
 def check_mixed(lib_name: str, model: nn.Module, names: list[str], ids: torch.Tensor) -> None:

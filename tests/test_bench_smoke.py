@@ -32,7 +32,8 @@ def _table(stdout: str) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def quick_run() -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "benchmarks.bench", "--quick", "--tiny", "--rounds", "1", "--heavy-rounds", "1"]
+    cmd = [sys.executable, "-m", "benchmarks.bench", "--quick", "--tiny", "--rounds", "1", "--heavy-rounds", "1",
+           "--decode-rounds", "2"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
