@@ -427,6 +427,30 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(family):
     assert torch.equal(targets, labels[labels != -100])
 
 
+def test_chunked_step_gives_the_gradient_of_the_whole_batch():
+    """A step run in token-limited chunks gets the gradient transformers' own loss gives for the whole batch."""
+    import lorakit
+
+    tok = make_tokenizer()
+    examples, batch = _tiny_batch(tok)
+    chunks = D.token_chunks(examples, 2 * max(len(e.input_ids) for e in examples))
+    assert [len(c) for c in chunks] == [2, 2, 1] and [e for c in chunks for e in c] == examples
+    assert all(len(c) * max(len(e.input_ids) for e in c) <= 2 * max(len(e.input_ids) for e in examples) for c in chunks)
+    assert D.token_chunks(examples, 1) == [[e] for e in examples]  # a row longer than the limit goes alone
+    model = lorakit.get_peft_model(make_llama(len(tok)),
+                                   lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = sum(e.n_learned for e in examples)
+    for chunk in chunks:
+        logits, targets = FT.answer_logits(model, D.collate(chunk, D.pad_id_of(tok)), FT.shared_prefix_len(examples))
+        F.cross_entropy(logits, targets, reduction="sum").backward()
+    ours = [p.grad / n for p in params]
+    model.zero_grad()
+    model(**batch).loss.backward()  # transformers: mean over every learned token of the batch
+    for a, p in zip(ours, params):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-7)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # the real model (one training step)
 # ------------------------------------------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ def _finetune_parser(sub, common: argparse.ArgumentParser) -> None:
     add("--steps", int, d.steps, "optimizer steps")
     add("--batch-size", int, d.batch_size, "examples per step")
     add("--max-length", int, d.max_length, "examples are cut to this many tokens")
+    add("--chunk-tokens", int, d.chunk_tokens, "a step's batch runs in chunks of at most N tokens (rows x padded "
+        "length) whose gradients add up: the same step with less memory", "N")
     add("--eval-split", float, "100 examples for the corpus, 0.1 for --data",
         "held-out examples: a fraction (< 1) or a count (>= 1); a fixed split of the data", "N|FRACTION")
     add("--out", str, "runs/<model>-<data>", "output folder", "DIR")

@@ -221,6 +221,23 @@ def encode_all(tokenizer, chats: Sequence[Chat], max_length: int) -> tuple[list[
     return kept, len(chats) - len(kept)
 
 
+def last_exchange(chat: Chat) -> tuple[str, str]:
+    """(what the assistant last answered, its answer): for showing a held-out example."""
+    last = max(i for i, m in enumerate(chat) if m["role"] == "assistant")
+    return (chat[last - 1]["content"] if last else ""), chat[last]["content"]
+
+
+def distinct_questions(chats: Sequence[Chat], n: int) -> list[Chat]:
+    """The first ``n`` chats whose last question differs from the others' (the corpus repeats questions)."""
+    chosen, seen = [], set()
+    for chat in chats:
+        question = last_exchange(chat)[0]
+        if question not in seen and len(chosen) < n:
+            seen.add(question)
+            chosen.append(chat)
+    return chosen
+
+
 def prompt_ids(tokenizer, chat: Chat) -> list[int]:
     """The tokens a model is given to write the chat's last assistant reply (as in training)."""
     last = max(i for i, m in enumerate(chat) if m["role"] == "assistant")
@@ -262,6 +279,27 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.
         batches += [chunk[s : s + batch_size] for s in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def token_chunks(examples: Sequence[Encoded], max_tokens: int) -> list[list[Encoded]]:
+    """Consecutive runs of ``examples`` whose padded size (rows × longest) stays within ``max_tokens``.
+
+    A training step runs its batch chunk by chunk and adds up the gradients: the same step with a lower peak
+    memory. A single example longer than ``max_tokens`` is a chunk of its own.
+    """
+    chunks: list[list[Encoded]] = []
+    current: list[Encoded] = []
+    width = 0
+    for e in examples:
+        wider = max(width, len(e.input_ids))
+        if current and wider * (len(current) + 1) > max_tokens:
+            chunks.append(current)
+            current, wider = [], len(e.input_ids)
+        current.append(e)
+        width = wider
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def length_batches(examples: Sequence[Encoded], batch_size: int) -> list[list[int]]:

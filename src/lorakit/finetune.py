@@ -66,9 +66,10 @@ class Settings:
     targets: str = "all-linear"
     dropout: float = 0.0
     lr: float = 2e-3
-    steps: int = 16
+    steps: int = 20
     batch_size: int = 8
     max_length: int = 128
+    chunk_tokens: int = 512  # a step's batch runs in pieces of at most this many (padded) tokens: less memory
     eval_split: Optional[float] = None  # None: 100 examples for the corpus, 10% for --data
     out: Optional[str] = None  # None: runs/<model>-<data>
     seed: int = 0
@@ -92,6 +93,7 @@ class Settings:
         need(self.steps >= 1, "steps", self.steps, "an integer >= 1")
         need(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         need(self.max_length >= 2, "max_length", self.max_length, "an integer >= 2")
+        need(self.chunk_tokens >= 1, "chunk_tokens", self.chunk_tokens, "an integer >= 1")
         need(self.save_every >= 0, "save_every", self.save_every, "an integer >= 0 (0: only at the end)")
         need(self.threads is None or self.threads >= 1, "threads", self.threads, "an integer >= 1")
         need(self.samples >= 0, "samples", self.samples, "an integer >= 0")
@@ -458,7 +460,7 @@ def run(settings: Settings, log: Callable[[str], None] = print,
         log("          (the shared opening is recomputed per row: this model's cache did not reproduce its logits)")
         prefix_len = 0
     eval_batch = 2 * settings.batch_size
-    sample_chats = held_chats[: settings.samples]
+    sample_chats = D.distinct_questions(held_chats, settings.samples)
 
     t_eval = 0.0
     if saved is not None:
@@ -503,12 +505,14 @@ def run(settings: Settings, log: Callable[[str], None] = print,
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings.steps, settings.lr)
         loss_sum, n_targets, n_tokens = 0.0, 0, 0
-        if rows:
-            batch = D.collate([train[i] for i in rows], pad_id)
+        for chunk in D.token_chunks([train[i] for i in rows], settings.chunk_tokens):
+            batch = D.collate(chunk, pad_id)
             logits, targets = answer_logits(model, batch, prefix_len)
             loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-            loss.backward()
-            loss_sum, n_targets, n_tokens = loss.item(), targets.numel(), int(batch["attention_mask"].sum())
+            loss.backward()  # gradients add up over chunks (and processes); divided by the token count below
+            loss_sum += loss.item()
+            n_targets += targets.numel()
+            n_tokens += int(batch["attention_mask"].sum())
         # the whole batch's summed gradient and loss on every process; then the mean over its answer tokens
         loss_sum, n_targets, n_tokens = distributed.sum_over_ranks(params, loss_sum, n_targets, n_tokens)
         for p in params:
@@ -539,7 +543,8 @@ def run(settings: Settings, log: Callable[[str], None] = print,
     t_eval += time.perf_counter() - t0
     log(f"after     held-out perplexity {after['perplexity']:.2f}, token accuracy {after['token_accuracy']:.3f}")
     for chat, a, b in zip(sample_chats, before_answers, after_answers):
-        log(f"\n  Q: {chat[-2]['content']}\n  reference: {chat[-1]['content']}\n  before:    {a}\n  after:     {b}")
+        question, reference = D.last_exchange(chat)
+        log(f"\n  Q: {question}\n  reference: {reference}\n  before:    {a}\n  after:     {b}")
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
