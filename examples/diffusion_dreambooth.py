@@ -33,8 +33,8 @@ COND_DIM = 32
 SUBJECT = 9
 
 
-def unet(seed: int = 0, size: int = 8, channels: tuple[int, int] = (32, 64)) -> nn.Module:
-    """A small conditional UNet (one cross-attention level, 0.8 M parameters) with random weights."""
+def unet(seed: int = 0, size: int = 8, channels: tuple[int, int] = (32, 32)) -> nn.Module:
+    """A small conditional UNet (one cross-attention level, 0.36 M parameters) with random weights."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -130,7 +130,7 @@ def digit_reader(images: Tensor, labels: Tensor):
 def main() -> None:
     from common import Clock, check_merge, describe_files, parse_args, save_and_reload
 
-    args = parse_args("diffusion_dreambooth", __doc__, pretrain_steps=(int, 1500, "base model training steps"),
+    args = parse_args("diffusion_dreambooth", __doc__, pretrain_steps=(int, 600, "base model training steps"),
                       steps=(int, 300, "LoRA steps"), rank=(int, 8, "LoRA rank"), shots=(int, 5, "subject images"))
     clock = Clock()
     images, labels = digit_images()
@@ -152,7 +152,7 @@ def main() -> None:
 
     base = unet(seed=args.seed)
     with clock.phase("base training"):
-        loss = train(base, sched, prior_train, emb[prior_train_y], args.pretrain_steps, lr=2e-3, batch=64,
+        loss = train(base, sched, prior_train, emb[prior_train_y], args.pretrain_steps, lr=2e-3, batch=32,
                      seed=args.seed)
     print(f"base UNet trained on digits 0–8: final loss {loss:.4f}")
     base_state = copy.deepcopy(base.state_dict())

@@ -10,7 +10,8 @@ Compared on the same splits:
 - a logistic-regression probe (scikit-learn) on the frozen encoder's mean-pooled sentence embeddings (how the
   model is meant to be used, and a strong baseline);
 - ``BertForSequenceClassification`` with ``task_type="SEQ_CLS"``: LoRA (rank 8) on every linear layer of the
-  encoder (``"all-linear"``, which leaves out the new classifier head), the head trained in full.
+  encoder and its pooler (``"all-linear"``), the new classifier head trained in full (SEQ_CLS puts it in
+  ``modules_to_save``).
 
 Then merged == unmerged, save in PEFT's format, reload.
 
@@ -61,19 +62,31 @@ def load_classifier(path=None, num_labels: int = 2, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the new head's "newly initialized" notice is expected
+    logging.disable_progress_bar()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(str(path or minilm_path()), num_labels=num_labels)
     finally:
         logging.set_verbosity(verbosity)
+        logging.enable_progress_bar()
     return model.eval()
 
 
 def lora_config(r: int = 8) -> LoraConfig:
+    """Every linear layer of the encoder, the pooler included (``"all-linear"`` leaves out only the new head, which
+    SEQ_CLS trains in full). The pooler is adapted too: the classifier reads ``tanh(W·h_CLS)``, and the sentence
+    encoder was trained on mean-pooled tokens, not through that pooler."""
     return LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules="all-linear")
 
 
 def encode(tokenizer, sentences: list[str]) -> dict[str, Tensor]:
     return dict(tokenizer(sentences, padding=True, truncation=True, max_length=64, return_tensors="pt"))
+
+
+def rows(batch: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
+    """Rows ``idx`` of a right-padded batch, cut to their longest sentence (one long review would otherwise make
+    every step pay for its length)."""
+    length = int(batch["attention_mask"][idx].sum(1).max())
+    return {k: v[idx, :length] for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -97,7 +110,7 @@ def train(model: nn.Module, batch: dict[str, Tensor], labels: Tensor, epochs: in
         order, total = torch.randperm(len(labels), generator=g), 0.0
         for i in range(0, len(labels), size):
             idx = order[i:i + size]
-            loss = F.cross_entropy(model(**{k: v[idx] for k, v in batch.items()}).logits, labels[idx])
+            loss = F.cross_entropy(model(**rows(batch, idx)).logits, labels[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -113,6 +126,8 @@ def accuracy(model: nn.Module, batch: dict[str, Tensor], labels: Tensor) -> floa
 
 
 def spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.3f} (one seed: no spread)"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (min {min(values):.3f}, max {max(values):.3f})"
 
 
@@ -124,12 +139,14 @@ def main() -> None:
     from common import Clock, check_merge, describe_files, parse_args, save_and_reload
 
     args = parse_args("text_classification", __doc__, seeds=(int, 5, "number of seeds (splits)"),
-                      epochs=(int, 8, "LoRA epochs"), lr=(float, 1e-3, "LoRA lr"), rank=(int, 8, "LoRA rank"))
+                      epochs=(int, 5, "LoRA epochs"), lr=(float, 1e-3, "LoRA lr"), rank=(int, 8, "LoRA rank"))
     clock = Clock()
     sentences, labels = pang_lee()
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
     batch, y = encode(tokenizer, sentences), torch.tensor(labels)
-    print(f"pang_lee_polarity: {len(y)} sentences ({int(y.sum())} positive), padded to {batch['input_ids'].shape[1]} tokens")
+    lengths = batch["attention_mask"].sum(1).float()
+    print(f"pang_lee_polarity: {len(y)} sentences ({int(y.sum())} positive), {lengths.mean():.0f} tokens on average "
+          f"(longest {int(lengths.max())})")
 
     with clock.phase("embeddings"):
         features = mean_pooled(load_classifier().base_model, batch).numpy()
@@ -137,8 +154,7 @@ def main() -> None:
     for seed in range(args.seed, args.seed + args.seeds):
         train_idx, test_idx = train_test_split(list(range(len(y))), test_size=0.3, stratify=labels, random_state=seed)
         train_idx, test_idx = torch.tensor(train_idx), torch.tensor(test_idx)
-        train_batch = {k: v[train_idx] for k, v in batch.items()}
-        test_batch = {k: v[test_idx] for k, v in batch.items()}
+        train_batch, test_batch = rows(batch, train_idx), rows(batch, test_idx)
         with clock.phase("probe"):
             probe = LogisticRegression(max_iter=2000).fit(features[train_idx], y[train_idx].numpy())
             results["probe"].append(float((probe.predict(features[test_idx]) == y[test_idx].numpy()).mean()))
@@ -155,7 +171,7 @@ def main() -> None:
     for name, values in results.items():
         print(f"{name:>15}: test accuracy {spread(values)} over {args.seeds} seeds")
 
-    sample = {k: v[:32] for k, v in batch.items()}
+    sample = rows(batch, torch.arange(32))
     err = check_merge(model, lambda m: m(**sample).logits)
     print(f"merged == unmerged: max |Δlogit| {err:.2e}")
     files, reload_diff = save_and_reload(model, args.output_dir, lambda: load_classifier(seed=seed), lambda m: m(**sample).logits)

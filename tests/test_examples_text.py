@@ -37,13 +37,15 @@ def padded_batch(n=4, t=9):
 def test_seq_cls_all_linear_matches_peft():
     ex = load_example("text_classification")
     config = ex.lora_config(r=4)
-    ours, theirs = lorakit_and_peft(tiny_bert_cls(), dict(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                                                          target_modules=config.target_modules, init_lora_weights=False),
-                                    task_type="SEQ_CLS")
+    ours, theirs = lorakit_and_peft(tiny_bert_cls(), dict(
+        r=config.r, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=config.target_modules,
+        init_lora_weights=False), task_type="SEQ_CLS")
     ours_layers = {n for n, _ in ours.base_model.lora_layers()}
     theirs_layers = {n for n, m in theirs.base_model.model.named_modules() if hasattr(m, "lora_A")}
-    assert ours_layers == theirs_layers and "bert.pooler.dense" in ours_layers
-    assert not any(n.startswith("classifier") for n in ours_layers)  # the new head is trained in full instead
+    assert ours_layers == theirs_layers
+    assert ours_layers == {"bert.pooler.dense"} | {f"bert.encoder.layer.{i}.{n}" for i in (0, 1) for n in (
+        "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+        "intermediate.dense", "output.dense")}  # every linear layer but the new head (trained in full instead)
     batch, labels = padded_batch(), torch.tensor([0, 2, 1, 2])
     out, ref = ours(**batch, labels=labels), theirs(**batch, labels=labels)
     torch.testing.assert_close(out.logits, ref.logits)
@@ -71,6 +73,17 @@ def test_text_training_path_save_and_reload(tmp_path):
     files, diff = common.save_and_reload(model, tmp_path, lambda: copy.deepcopy(frozen),
                                          lambda m: m(**batch).logits)
     assert set(files) == {"adapter_config.json", "adapter_model.safetensors"} and diff < 1e-5
+
+
+def test_rows_cut_padding_to_the_longest_sentence():
+    ex = load_example("text_classification")
+    batch = padded_batch()
+    cut = ex.rows(batch, torch.tensor([3, 2]))
+    assert cut["input_ids"].shape == (2, 5) and torch.equal(cut["attention_mask"].sum(1), torch.tensor([2, 5]))
+    assert torch.equal(cut["input_ids"], batch["input_ids"][[3, 2], :5])
+    model = tiny_bert_cls()
+    with torch.no_grad():  # the cut columns were padding: the logits do not change
+        torch.testing.assert_close(model(**cut).logits, model(**{k: v[[3, 2]] for k, v in batch.items()}).logits)
 
 
 def test_mean_pooling_ignores_padding():
