@@ -138,7 +138,11 @@ def _fmt_error(value: float, like: float | None = None) -> str:
     return "0" if value == 0 else f"{value:.1e}"
 
 
-_FORMATS = {"time": _fmt_time, "ratio": _fmt_ratio, "mib": _fmt_mib, "error": _fmt_error}
+def _fmt_percent(value: float, like: float | None = None) -> str:
+    return f"{100 * value:.3g} %" if like is None else f"{100 * value:.3g}"
+
+
+_FORMATS = {"time": _fmt_time, "ratio": _fmt_ratio, "mib": _fmt_mib, "error": _fmt_error, "percent": _fmt_percent}
 
 # ----------------------------------------------------------------------------------------------------------------
 # The table

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import memory
 from . import workloads as w
-from .harness import Group, Row, Stats, Target, Unsupported, failure_text, timed
+from .harness import BenchError, Group, Row, Stats, Target, Unsupported, failure_text, timed
 
 NO_SLOWER = Target("ratio", "<=", 1.0, "≤ 1.00")
 
@@ -239,6 +239,25 @@ def section_mixed(ctx: Context) -> list[Row]:
 
         return setup
 
+    reference = w.minimal_mixed_lora(ctx.base, models["lorakit"], names, s)
+    for gather in (True, False):
+        w.configure_mixed(reference, most, gather)
+        expected = w.logits(models["peft"], check_ids, adapter_names=names)
+        if not torch.allclose(w.logits(reference, check_ids), expected, rtol=1e-4, atol=1e-4):
+            raise BenchError("hand-written mixed-batch reference differs from PEFT's mixed batch")
+
+    def hand_written(make: Callable[..., Callable[[], float]], k: int, gather: bool):
+        def setup() -> Callable[[], float]:
+            measure = make(reference)
+
+            def run() -> float:
+                w.configure_mixed(reference, k, gather)
+                return measure()
+
+            return run
+
+        return setup
+
     rows: list[Row] = []
     for kind in ("decode", "prefill"):
         for k in s.adapters:
@@ -255,14 +274,24 @@ def section_mixed(ctx: Context) -> list[Row]:
             for n in w.LIB_NAMES:
                 g.add(f"{n} mixed", mixed(n, make, k))
                 g.add(f"{n} single", lambda n=n, make=make: make(models[n]))
+            if kind == "decode":
+                g.add("gather", hand_written(make, k, gather=True))
+                g.add("slice", hand_written(make, k, gather=False))
             g.run(rounds)
-            target = Target("lorakit", "<=", 1.4, "≤ 1.4") if kind == "decode" and k == 32 else None
+            target = Target("lorakit", "<=", 1.4, "≤ 1.4") if kind == "decode" and k == most else None
             rows += [
                 Row(f"mixed {kind}, {k} adapters ({shape})", g.cell("lorakit mixed"), g.cell("peft mixed"),
                     g.ratio("lorakit mixed", "peft mixed")),
                 Row(f"mixed / single adapter, {kind}, {k} adapters", g.ratio("lorakit mixed", "lorakit single"),
                     g.ratio("peft mixed", "peft single"), None, target),
             ]
+            if kind == "decode":
+                rows += [
+                    Row(f"reference: hand-written gather + 2 bmm / lorakit single, decode, {k} adapters",
+                        g.ratio("gather", "lorakit single"), "—"),
+                    Row(f"reference: hand-written 2 bmm without gather / lorakit single, decode, {k} adapters",
+                        g.ratio("slice", "lorakit single"), "—"),
+                ]
     return rows
 
 
@@ -330,7 +359,8 @@ def _ordinal(n: int) -> str:
 # Exactness of merge → unmerge in low precision
 # ----------------------------------------------------------------------------------------------------------------
 def section_roundtrip(ctx: Context) -> list[Row]:
-    """Largest change of any base weight after 1 and after ``ctx.cycles`` merge → unmerge cycles."""
+    """Largest change of any base weight after 1 and after ``ctx.cycles`` merge → unmerge cycles; and what
+    lorakit keeps while merged to make that exact (its size relative to the merged weights)."""
     rows = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         short = str(dtype).removeprefix("torch.").replace("float", "fp").replace("bfp", "bf")
@@ -347,11 +377,21 @@ def section_roundtrip(ctx: Context) -> list[Row]:
         for i, cycles in enumerate((1, ctx.cycles)):
             label = f"{short} merge→unmerge, largest weight error, {cycles} cycle{'s' if cycles > 1 else ''}"
             rows.append(Row(label, result["lorakit"][i], result["peft"][i], None, exact))
+        for b_std in (0.01, 0.001):  # the benchmark's adapter, and one with a 10× smaller update
+            try:
+                record, relative = _exactness_record(w.wrap(w.library("lorakit"), copy.deepcopy(base), ctx.scale),
+                                                     b_std)
+            except Exception as exc:  # noqa: BLE001
+                ctx.errors.append(f"{short} exactness record: {failure_text(exc)}")
+                record, relative = failure_text(exc), float("nan")
+            rows.append(Row(f"{short} merged, ‖ΔW‖/‖W‖ = {relative:.1%}: exactness record / merged weights", record,
+                            "—", None, Target("lorakit", "<=", 0.01, "≤ ~1 %")))
         del base
     return rows
 
 
 def _roundtrip_errors(model: nn.Module, cycles: int) -> list[Stats]:
+    """Largest change of any base weight after 1 and after ``cycles`` merge → unmerge cycles."""
     base = model.get_base_model()
     original = {n: p.detach().clone() for n, p in base.named_parameters() if ".lora_" not in n}
     errors = []
@@ -367,6 +407,19 @@ def _roundtrip_errors(model: nn.Module, cycles: int) -> list[Stats]:
     if cycles == 1:
         errors.append(errors[0])
     return errors
+
+
+def _exactness_record(model: nn.Module, b_std: float) -> tuple[Stats, float]:
+    """What lorakit keeps while merged to unmerge exactly (each layer's ``_fixups``: the elements that would not
+    round-trip), in bytes over the merged weights' bytes; and the update's size ``‖ΔW‖/‖W‖`` it depends on."""
+    w.randomize_lora(model, b_std=b_std)
+    layers = [layer for _, layer in model.base_model.lora_layers()]
+    delta = sum(layer.delta_weight("a0").float().norm() ** 2 for layer in layers) ** 0.5
+    weight = sum(layer.base_layer.weight.float().norm() ** 2 for layer in layers) ** 0.5
+    model.merge_adapter()
+    kept = sum(t.nbytes for layer in layers for fix in layer._fixups.values() for t in fix)
+    total = sum(layer.base_layer.weight.nbytes for layer in layers)
+    return Stats.of([kept / total], "percent"), float(delta / weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------

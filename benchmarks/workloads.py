@@ -158,6 +158,50 @@ def minimal_lora(base: nn.Module, adapted: nn.Module, scale: Scale, adapter: str
     return model
 
 
+class MinimalMixedLora(nn.Module):
+    """Reference for mixed batches: ``base(x)`` plus, per row, that row's adapter by two batched matmuls.
+
+    ``A`` is the stack of every adapter's A (``K × r × in``), ``B`` of every ``s·B`` (``K × out × r``). With
+    ``gather`` the factors are gathered per row (``A[rows]``: a copy, as any general mixed batch needs); without,
+    row ``i`` simply uses adapter ``i`` (``A[:n]``, no copy): the least a mixed batch of distinct adapters costs.
+    """
+
+    def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor) -> None:
+        super().__init__()
+        self.base, self.A, self.B = base, A, B
+        self.rows: torch.Tensor = torch.arange(A.shape[0])
+        self.gather = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        n = x.shape[0]
+        A, B = (self.A[self.rows], self.B[self.rows]) if self.gather else (self.A[:n], self.B[:n])
+        h = torch.bmm(x.reshape(n, -1, x.shape[-1]), A.transpose(1, 2))
+        return y + torch.bmm(h, B.transpose(1, 2)).view(y.shape)
+
+
+def minimal_mixed_lora(base: nn.Module, adapted: nn.Module, names: list[str], scale: Scale) -> nn.Module:
+    """A copy of ``base`` whose targeted linears are :class:`MinimalMixedLora` over ``adapted``'s adapters
+    ``names`` (row ``i`` of a batch gets ``names[i]``); inference only."""
+    model = copy.deepcopy(base)
+    params = dict(adapted.named_parameters())
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in TARGETS:
+            key = f"base_model.model.{name}.lora_{{}}.{{}}.weight"
+            A = torch.stack([params[key.format("A", a)].detach() for a in names])
+            B = torch.stack([params[key.format("B", a)].detach() for a in names]) * (scale.alpha / scale.r)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, MinimalMixedLora(module, A, B))
+    return model
+
+
+def configure_mixed(model: nn.Module, rows: int, gather: bool) -> None:
+    """Batches of ``rows`` rows, row ``i`` through adapter ``i``; gathered per row or sliced (see above)."""
+    for module in model.modules():
+        if isinstance(module, MinimalMixedLora):
+            module.rows, module.gather = torch.arange(rows), gather
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Operations
 # ----------------------------------------------------------------------------------------------------------------

@@ -56,7 +56,13 @@ def test_quick_mode_prints_the_table_with_ratios(quick_run):
         assert re.fullmatch(RATIO, rows[item][2]), f"{item!r}: no lorakit/PEFT ratio in {rows[item]}"
     for item in ["decode unmerged / merged", "mixed / single adapter, decode, 4 adapters", "add_adapter 4th / 2nd"]:
         assert all(re.fullmatch(RATIO, cell) for cell in rows[item][:2]), f"{item!r}: {rows[item]}"
-    assert re.fullmatch(RATIO, rows["reference: hand-written minimal LoRA, decode unmerged / merged"][0])
+    references = ["reference: hand-written minimal LoRA, decode unmerged / merged",
+                  "reference: hand-written gather + 2 bmm / lorakit single, decode, 4 adapters",
+                  "reference: hand-written 2 bmm without gather / lorakit single, decode, 4 adapters"]
+    for item in references:
+        assert re.fullmatch(RATIO, rows[item][0]), f"{item!r}: {rows[item]}"
+    records = [item for item in rows if "exactness record" in item]
+    assert len(records) == 6 and all(re.fullmatch(r"\d[\d.]* %", rows[item][0]) for item in records), records
     for dtype in ("bf16", "fp16", "fp32"):
         for cycles in ("1 cycle", "3 cycles"):
             item = f"{dtype} merge→unmerge, largest weight error, {cycles}"
