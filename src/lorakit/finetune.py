@@ -76,7 +76,7 @@ class Settings:
     save_every: int = 50
     threads: Optional[int] = None
     samples: int = 3
-    max_new_tokens: int = 48
+    max_new_tokens: int = 32
     resume: bool = False
     overwrite: bool = False
 
@@ -325,27 +325,32 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def plot_losses(path: Path, losses: Sequence[float], title: str) -> None:
-    """A PNG of the training loss per step (and a running mean), written atomically."""
+def plot_losses(path: Path, losses: Sequence[float], title: str, held_out: Optional[tuple[float, float]] = None) -> None:
+    """A PNG of the training loss per step with a running mean, and the held-out loss before and after
+    (``held_out``, as log-perplexities); written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from .io import atomic_write
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     steps = range(1, len(losses) + 1)
-    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss per step")
-    window = max(1, len(losses) // 20)
-    smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
-              for i in range(len(losses))]
-    ax.plot(steps, smooth, lw=2, label=f"running mean ({window} steps)")
+    ax.plot(steps, losses, lw=1, alpha=0.45, marker="." if len(losses) <= 50 else None, label="training batch")
+    window = max(2, min(25, len(losses) // 4))
+    smooth = [sum(losses[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(losses))]
+    ax.plot(steps, smooth, lw=2, label=f"training, mean of last {window} steps")
+    if held_out is not None:
+        ax.axhline(held_out[0], color="grey", ls="--", lw=1, label=f"held out, before ({held_out[0]:.2f})")
+        ax.axhline(held_out[1], color="green", ls="--", lw=1.5, label=f"held out, after ({held_out[1]:.2f})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy on answer tokens")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
@@ -455,7 +460,7 @@ def run(settings: Settings, log: Callable[[str], None] = print,
     log(f"train     {settings.steps} steps x {settings.batch_size} examples, AdamW lr {settings.lr:g} "
         f"(warm-up, cosine), {torch.get_num_threads()} torch thread(s), seed {settings.seed}")
 
-    probe = D.collate(held[: settings.batch_size], pad_id)
+    probe = D.collate(held[:2], pad_id)  # two real examples: enough to see a model whose cache differs
     if prefix_len and not prefix_sharing_works(model, probe, prefix_len):
         log("          (the shared opening is recomputed per row: this model's cache did not reproduce its logits)")
         prefix_len = 0
@@ -548,7 +553,8 @@ def run(settings: Settings, log: Callable[[str], None] = print,
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    plot_losses(out / "loss.png", losses, f"lorakit finetune: {model_label}, r={settings.r}")
+    plot_losses(out / "loss.png", losses, f"lorakit finetune: {model_label}, LoRA r={settings.r}",
+                (math.log(before["perplexity"]), math.log(after["perplexity"])))
 
     t0 = time.perf_counter()
     merged = model.merge_and_unload()
