@@ -196,7 +196,9 @@ def test_inspect_table_and_json(trained):
     tensors = load_file(trained.out / "adapter_model.safetensors")
     assert info["parameters"] == sum(t.numel() for t in tensors.values())
     assert info["file_size_bytes"] == os.path.getsize(trained.out / "adapter_model.safetensors")
-    assert len(info["modules"]) == 2 * 7  # every linear layer of both blocks
+    assert len(info["modules"]) == 2 * 7  # every linear layer of both blocks, in the model's order
+    assert [m["module"].split(".")[2] for m in info["modules"]] == ["0"] * 7 + ["1"] * 7
+    assert info["config"]["base_model_name_or_path"] == str(Path(trained.out).parent / "llama")
     for m in info["modules"]:
         A = tensors[f"base_model.model.{m['module']}.lora_A.weight"].double()
         B = tensors[f"base_model.model.{m['module']}.lora_B.weight"].double()

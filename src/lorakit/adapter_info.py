@@ -66,6 +66,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             "parameters": A.numel() + B.numel(),
             "delta_norm": delta_norm(A, B, scaling),
         })
+    modules.sort(key=lambda m: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", m["module"])])
     total = sum(t.numel() for t in tensors.values())
     return {
         "path": str(folder),

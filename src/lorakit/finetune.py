@@ -301,7 +301,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
 
 
-def _lora_config(settings: Settings, model: nn.Module) -> LoraConfig:
+def _lora_config(settings: Settings, model: nn.Module, base_name: Optional[str] = None) -> LoraConfig:
     """LoRA on ``--targets``: 'all-linear' or comma-separated module names, each of which must exist."""
     text = settings.targets.strip()
     if text.lower() == "all-linear":
@@ -318,7 +318,7 @@ def _lora_config(settings: Settings, model: nn.Module) -> LoraConfig:
                 f"are named: {', '.join(leaves[:12])}{' …' if len(leaves) > 12 else ''} (or use all-linear)"
             )
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
-                      task_type="CAUSAL_LM")
+                      task_type="CAUSAL_LM", base_model_name_or_path=base_name)
 
 
 def _peak_memory_mb() -> float:
@@ -439,7 +439,7 @@ def run(settings: Settings, log: Callable[[str], None] = print,
     prefix_len = shared_prefix_len(train + held)
     pad_id = D.pad_id_of(tokenizer)
 
-    config = _lora_config(settings, model)
+    config = _lora_config(settings, model, loaded.source)  # the source: `lorakit merge` finds the base by it
     if saved is not None:
         model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
     else:

@@ -42,6 +42,9 @@ def merge_to_folder(adapter: str | os.PathLike, out: str | os.PathLike, model: O
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes a private folder; the result is an ordinary one
     try:
         merged.save_pretrained(staging)
         loaded.tokenizer.save_pretrained(staging)
