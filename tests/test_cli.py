@@ -429,6 +429,23 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(family):
     assert torch.equal(targets, labels[labels != -100])
 
 
+def test_a_model_whose_cache_misbehaves_is_scored_the_plain_way():
+    from transformers import LlamaForCausalLM
+
+    class IgnoresCache(LlamaForCausalLM):
+        def forward(self, *args, cache=None, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    tok = make_tokenizer()
+    examples, batch = _tiny_batch(tok)
+    base = make_llama(len(tok))
+    model = IgnoresCache(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    model.train()
+    assert not FT.prefix_sharing_works(model, batch, FT.shared_prefix_len(examples))
+    assert model.training  # the check runs in eval mode and puts the mode back
+
+
 def test_chunked_step_gives_the_gradient_of_the_whole_batch():
     """A step run in token-limited chunks gets the gradient transformers' own loss gives for the whole batch."""
     import lorakit

@@ -183,11 +183,16 @@ def prefix_sharing_works(model: nn.Module, batch: dict[str, Tensor], prefix_len:
     """Whether running the shared opening once gives this model's logits on real data (to 1e-4 relative)."""
     if not prefix_len:
         return False
-    plain, _ = answer_logits(model, batch)
+    was_training = model.training
+    model.eval()  # no dropout: both computations must be deterministic to be compared
     try:
-        shared, _ = answer_logits(model, batch, prefix_len)
-    except Exception:  # a model whose cache works differently: use the plain computation
-        return False
+        plain, _ = answer_logits(model, batch)
+        try:
+            shared, _ = answer_logits(model, batch, prefix_len)
+        except Exception:  # a model whose cache works differently: use the plain computation
+            return False
+    finally:
+        model.train(was_training)
     scale = plain.abs().max().clamp_min(1.0)
     return shared.shape == plain.shape and bool(((shared - plain).abs().max() / scale) <= 1e-4)
 
