@@ -265,6 +265,7 @@ def _bad_files(root: Path) -> dict[str, Path]:
     (["--lr", "-1"], "--lr=-1.0 is out of range"),
     (["--steps", "0"], "--steps=0 is out of range"),
     (["--eval-split", "2.5"], "--eval-split=2.5 is out of range"),
+    (["--eval-split", "0"], "--eval-split=0.0 is out of range"),
     (["--eval-split", "500"], "leaving none to train on"),
     (["--resume"], "holds no checkpoint"),
 ])

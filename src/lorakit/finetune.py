@@ -99,8 +99,8 @@ class Settings:
         need(self.samples >= 0, "samples", self.samples, "an integer >= 0")
         need(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
         if self.eval_split is not None:
-            need(self.eval_split >= 0 and (self.eval_split < 1 or float(self.eval_split).is_integer()),
-                 "eval_split", self.eval_split, "a fraction in [0, 1) or a whole number of examples")
+            need(self.eval_split > 0 and (self.eval_split < 1 or float(self.eval_split).is_integer()),
+                 "eval_split", self.eval_split, "a fraction in (0, 1) or a whole number of examples")
         if not self.targets.strip():
             raise ValueError("--targets is empty: expected 'all-linear' or module names separated by commas")
         if self.resume and self.overwrite:
