@@ -24,8 +24,9 @@ def parse_args(name: str, doc: str, **extra: tuple[type, object, str]) -> argpar
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=HERE / "output" / name,
                         help="folder for the saved adapter (default: examples/output/%(prog)s's name)")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads(),
-                        help="torch CPU threads (default: $OMP_NUM_THREADS, else all cores; 1 is faster on a busy machine)")
+    threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads()
+    parser.add_argument("--threads", type=int, default=threads,
+                        help="torch CPU threads (default: $OMP_NUM_THREADS, else all cores; 1 is faster when busy)")
     parser.add_argument("--seed", type=int, default=0)
     for option, (kind, default, text) in extra.items():
         parser.add_argument(f"--{option.replace('_', '-')}", type=kind, default=default, help=text)

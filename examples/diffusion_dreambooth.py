@@ -15,7 +15,7 @@ Then merged == unmerged, save in PEFT's format, reload, and export for diffusers
 for ``pipeline.load_lora_weights(folder)`` or ``unet.load_lora_adapter(folder, prefix="unet",
 weight_name="pytorch_lora_weights.safetensors")``), loaded back by diffusers itself with the same outputs.
 
-    python examples/diffusion_dreambooth.py            # a few minutes on 2 cores
+    OMP_NUM_THREADS=1 python examples/diffusion_dreambooth.py   # 260 s on the busy 2-core machine (examples/README.md)
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def noisy_batch(sched, images: Tensor, g: torch.Generator) -> tuple[Tensor, Tens
     return sched.add_noise(images, noise, t), t, noise
 
 
-def train(model: nn.Module, sched, images: Tensor, cond: Tensor, steps: int, lr: float, batch: int, seed: int = 0) -> float:
+def train(model: nn.Module, sched, images: Tensor, cond: Tensor, steps: int, lr: float, batch: int,
+          seed: int = 0) -> float:
     """Noise-prediction (ε) MSE with AdamW; ``cond[i]`` is image ``i``'s prompt. Returns the mean of the last 50
     losses."""
     model.train()
@@ -145,8 +146,8 @@ def main() -> None:
     other_labels = labels[labels != SUBJECT]
     prior_train, prior_test = others[:-200], others[-200:]
     prior_train_y, prior_test_y = other_labels[:-200], other_labels[-200:]
-    print(f"base data: {len(prior_train)} digits 0–8 (+{len(prior_test)} held out); subject: {len(shots)} images of a "
-          f"{SUBJECT} (+{len(held_out)} held out)")
+    print(f"base data: {len(prior_train)} digits 0–8 (+{len(prior_test)} held out); "
+          f"subject: {len(shots)} images of a {SUBJECT} (+{len(held_out)} held out)")
     sched = scheduler()
     reader = digit_reader(images, labels)
 
@@ -180,8 +181,9 @@ def main() -> None:
                      lr=1e-3, batch=20, seed=args.seed + 1)
     with clock.phase("evaluation"):
         after = measure(model)
-    print(f"LoRA on {len(shots)} images: final loss {loss:.4f}; held-out subject loss {before[0]:.4f} -> {after[0]:.4f}, "
-          f"digits 0–8 loss {before[1]:.4f} -> {after[1]:.4f}, samples read as {SUBJECT}: {before[2]:.0%} -> {after[2]:.0%}")
+    print(f"LoRA on {len(shots)} images: final loss {loss:.4f}; held-out subject loss {before[0]:.4f} -> "
+          f"{after[0]:.4f}, digits 0–8 loss {before[1]:.4f} -> {after[1]:.4f}, samples read as {SUBJECT}: "
+          f"{before[2]:.0%} -> {after[2]:.0%}")
 
     x = held_out[:8]
     t = torch.tensor([10, 100, 200, 400, 600, 800, 900, 999])

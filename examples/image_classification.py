@@ -14,7 +14,7 @@ EfficientNet's convs are ``Conv2dStaticSamePadding``: an ``nn.Conv2d`` subclass 
 lorakit's LoRA branch runs through the same padding (PEFT's conv layer skips it, and the stem's 3×3/stride-2
 branch then comes out a different size than the base's output).
 
-    python examples/image_classification.py            # about a minute on 2 cores
+    OMP_NUM_THREADS=1 python examples/image_classification.py   # 450 s on the busy 2-core machine (examples/README.md)
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def digits(size: int = 64, test_size: float = 0.3, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """scikit-learn's digits as ImageNet-normalised ``size × size`` RGB tensors: ``x_train, y_train, x_test, y_test``."""
+    """scikit-learn's digits as ImageNet-normalised ``size × size`` RGB tensors:
+    ``x_train, y_train, x_test, y_test``."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

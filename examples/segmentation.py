@@ -8,7 +8,7 @@ every attention and MLP projection (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj
 decode head in ``modules_to_save`` learns the light domain from 200 images; with the adapter disabled the model is
 the base again, still good on dark scenes. Then merged == unmerged, save in PEFT's format, reload.
 
-    python examples/segmentation.py            # about two minutes on 2 cores
+    OMP_NUM_THREADS=1 python examples/segmentation.py   # 215 s on the busy 2-core machine (examples/README.md)
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def pixel_logits(model: nn.Module, images: Tensor) -> Tensor:
     return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def train(model: nn.Module, images: Tensor, labels: Tensor, steps: int, lr: float, batch: int = 16, seed: int = 0) -> float:
+def train(model: nn.Module, images: Tensor, labels: Tensor, steps: int, lr: float, batch: int = 16,
+          seed: int = 0) -> float:
     """AdamW on the model's trainable parameters with a cosine schedule, class-weighted cross-entropy; returns the
     mean loss of the last 20 steps."""
     model.train()
@@ -167,7 +168,8 @@ def main() -> None:
 
     files, reload_diff = save_and_reload(model, args.output_dir, fresh_base, lambda m: pixel_logits(m, sample))
     print(f"saved to {args.output_dir}: {describe_files(files)}; reloaded: max |Δ| {reload_diff:.1e}")
-    print(f"RESULT segmentation: mIoU light {base_light:.3f} -> {lora_light:.3f}, dark (adapter off) {disabled_dark:.3f}; "
+    print(f"RESULT segmentation: mIoU light {base_light:.3f} -> {lora_light:.3f}, "
+          f"dark (adapter off) {disabled_dark:.3f}; "
           f"{clock.report()}")
 
 

