@@ -502,5 +502,5 @@ def test_real_smollm2_one_training_step():
     loss = F.cross_entropy(logits, targets)
     loss.backward()
     optimizer.step()
-    assert math.isfinite(float(loss)) and 0 < float(loss) < 10
+    assert math.isfinite(loss.item()) and 0 < loss.item() < 10
     assert B.any()
