@@ -662,3 +662,14 @@ def test_load_adapter_into_an_existing_adapter_overwrites_its_weights(tmp_path):
     model.load_adapter(tmp_path, "default")
     torch.testing.assert_close(run(model, x), run(source, x), rtol=0, atol=0)
     assert list(model.peft_config) == ["default", "other"]
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    lorakit_source(tiny_llama, dict(target_modules=["q_proj"])).save_pretrained(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in (CONFIG, SAFE):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask

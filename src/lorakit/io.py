@@ -29,6 +29,7 @@ def atomic_write_many(files: Mapping[str | os.PathLike, Callable[[str], None]]) 
         for path, write in files.items():
             path = Path(path)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file gets ordinary permissions
             os.close(fd)
             staged.append((tmp, path))
             write(tmp)
@@ -43,6 +44,12 @@ def atomic_write_many(files: Mapping[str | os.PathLike, Callable[[str], None]]) 
         raise
     for folder in {path.parent for _, path in staged}:
         _fsync_dir(folder)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
