@@ -1,7 +1,10 @@
 """Tiny models built from configs (nothing is downloaded) and helpers shared by the tests."""
 
 import copy
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -88,3 +91,16 @@ def lorakit_and_peft(base, lk_config_kwargs, task_type=None):
 def custom_net():
     torch.manual_seed(0)
     return CustomNet().eval()
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name):
+    """Import ``examples/<name>.py`` (and its ``common`` helpers) as a module."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(f"lorakit_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

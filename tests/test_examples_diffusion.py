@@ -3,10 +3,7 @@ format: diffusers' own loaders (``unet.load_lora_adapter``, ``pipeline.load_lora
 must give the UNet outputs lorakit gives, which in turn equal the dense float64 reference ``W + s·B@A``."""
 
 import copy
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,20 +15,10 @@ pytest.importorskip("diffusers", reason="diffusers is not installed (pip install
 from diffusers import UNet2DConditionModel  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from conftest import load_example  # noqa: E402
 from lorakit.diffusers_export import DIFFUSERS_WEIGHT_NAME, save_diffusers_lora, to_diffusers  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-def load_example(name):
-    """Import ``examples/<name>.py`` (and its ``common`` helpers) as a module."""
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location(f"lorakit_example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_unet(dtype=torch.float64):

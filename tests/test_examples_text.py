@@ -3,27 +3,13 @@ checked against PEFT itself; its data loader (gensim's bundled polarity set) and
 against plain recomputation; and the packaged MiniLM encoder loaded offline."""
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import lorakit
-from conftest import lorakit_and_peft, tiny_bert_cls, token_ids
+from conftest import lorakit_and_peft, tiny_bert_cls, token_ids, load_example
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load_example(name):
-    """Import ``examples/<name>.py`` (and its ``common`` helpers) as a module."""
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location(f"lorakit_example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def padded_batch(n=4, t=9):

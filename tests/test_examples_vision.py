@@ -3,9 +3,6 @@ against PEFT itself, and EfficientNet's "same"-padding convs (efficientnet-lite-
 against dense float64 maths. The examples' own helpers (data, metrics, training loops) are imported and run small."""
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,19 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorakit
-from conftest import lorakit_and_peft
+from conftest import lorakit_and_peft, load_example
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load_example(name):
-    """Import ``examples/<name>.py`` (and its ``common`` helpers) as a module."""
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location(f"lorakit_example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def assert_same_grads(ours, theirs):
