@@ -60,8 +60,7 @@ def _shifted(weight: Tensor, delta: Tensor, sign: float) -> Tensor:
     The delta is a materialised tensor on purpose: a fused ``addmm_`` accumulates it in several roundings,
     and then the subtraction no longer mirrors the addition.
     """
-    compute = torch.promote_types(weight.dtype, delta.dtype)
-    return weight.to(compute).add(delta.to(compute), alpha=sign).to(weight.dtype)
+    return torch.add(weight, delta, alpha=sign).to(weight.dtype)  # type promotion computes in the wider dtype
 
 
 def merge_weight(weight: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
