@@ -42,6 +42,27 @@ def test_llama_mixed_batch_equals_per_adapter_runs():
     torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
 
 
+def test_one_distinct_adapter_per_row_in_order_uses_no_gather():
+    """The multi-tenant decode batch (row n runs the n-th adapter) reads the stacked factors without copying."""
+    model = three_adapter_llama()
+    names = ["default", "wide", "emb"]
+    ids = token_ids(n=3)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    seen = []
+    original = layer._add_row_outputs
+
+    def spy(out, x, rows):
+        seen.append(rows.in_order)
+        return original(out, x, rows)
+
+    layer._add_row_outputs = spy
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        expected = per_row_reference(model, ids, names)
+    assert seen == [True]
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
+
+
 def test_gpt2_conv1d_and_custom_convs_mixed():
     model = get_peft_model(tiny_gpt2(), LoraConfig(r=3, target_modules=["c_attn", "wte"], init_lora_weights=False))
     model.add_adapter("b", LoraConfig(r=5, target_modules=["c_fc"], init_lora_weights=False))

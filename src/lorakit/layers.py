@@ -116,6 +116,21 @@ class RowAdapters:
 
     names: tuple[str, ...]
     index: Tensor
+    #: row ``n`` uses the ``n``-th distinct adapter (a typical multi-tenant decode batch): the stacked factors
+    #: are then already in row order and need no per-row gather
+    in_order: bool = False
+
+    @classmethod
+    def from_names(cls, adapter_names: Sequence[str], base: str, device: torch.device) -> "RowAdapters":
+        names = tuple(dict.fromkeys(n for n in adapter_names if n != base))
+        index = torch.tensor([0 if n == base else names.index(n) + 1 for n in adapter_names], device=device)
+        return cls(names, index, in_order=list(adapter_names) == list(names))
+
+    def rows_of(self, stack: Tensor, n: int) -> Tensor:
+        """``stack[index]`` for a batch of ``n`` rows; a view of ``stack``, not a copy, when rows are in order."""
+        if self.in_order and n == self.index.shape[0]:
+            return stack[1:]
+        return stack[self.for_batch(n)]
 
     def for_batch(self, n: int) -> Tensor:
         rows = self.index.shape[0]
@@ -446,7 +461,7 @@ class Linear(LoraLayer):
             if p.any():
                 p = p.view(-1, *([1] * (x.dim() - 1)))
                 x = x * torch.bernoulli((1 - p).expand_as(x)) / (1 - p)
-        return add_lora_rows(out, x, A_stack[index], B_stack[index])
+        return add_lora_rows(out, x, rows.rows_of(A_stack, x.shape[0]), rows.rows_of(B_stack, x.shape[0]))
 
 
 class Embedding(LoraLayer):
@@ -496,7 +511,7 @@ class Embedding(LoraLayer):
         offset = (index * self.in_features).view(-1, *([1] * (x.dim() - 1)))
         h = F.embedding(x + offset, tables)
         n = x.shape[0]
-        y = torch.bmm(h.reshape(n, -1, h.shape[-1]), B_stack[index].transpose(1, 2))
+        y = torch.bmm(h.reshape(n, -1, h.shape[-1]), rows.rows_of(B_stack, n).transpose(1, 2))
         return out + y.view(out.shape).to(out.dtype)
 
 

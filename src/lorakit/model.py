@@ -125,8 +125,7 @@ class LoraModel(nn.Module):
                 "runs after the batch's adapter assignment has ended; disable checkpointing or train per adapter"
             )
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        index = torch.tensor([0 if n == BASE else unique.index(n) + 1 for n in adapter_names], device=device)
-        rows = RowAdapters(unique, index)
+        rows = RowAdapters.from_names(adapter_names, BASE, device)
         modules = list(self._adapter_modules())
         for module in modules:
             module._rows = rows
