@@ -179,10 +179,6 @@ class LoraLayer(nn.Module):
         self._stack_cache: Optional[tuple] = None
 
     # -- construction ---------------------------------------------------------------------------------------------
-    @classmethod
-    def wrap(cls, base_layer: nn.Module) -> "LoraLayer":
-        return cls(base_layer)
-
     @property
     def weight(self) -> Tensor:
         """The base layer's weight (code written for the bare layer often reads ``layer.weight``)."""
