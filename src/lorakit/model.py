@@ -57,6 +57,14 @@ def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]
             stack.extend(reversed(children))
 
 
+def _named_parameters(module: nn.Module, prefix: str) -> Iterable[tuple[str, nn.Parameter]]:
+    """``module.named_parameters(prefix)``; a leaf's are read off its table (a base layer, usually: the generators
+    behind ``named_parameters`` cost more than the rest of marking a layer trainable)."""
+    if module._modules:
+        return module.named_parameters(prefix)
+    return [(f"{prefix}.{k}", p) for k, p in module._parameters.items() if p is not None]
+
+
 def _parent_and_child(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
@@ -66,8 +74,10 @@ def _base_of(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, LoraLayer) else module
 
 
-def _head_names(model: nn.Module, task_type: Optional[str]) -> set[str]:
-    """Output heads that "all-linear" must leave alone: the LM head, or a classifier head for SEQ_CLS."""
+def _head_names(model: nn.Module, task_type: Optional[str], named: Sequence[tuple[str, nn.Module]]) -> set[str]:
+    """Output heads that "all-linear" must leave alone: the LM head, or a classifier head for SEQ_CLS.
+
+    ``named`` is ``_walk(model)`` (the caller's walk, reused)."""
     heads = []
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
@@ -75,7 +85,7 @@ def _head_names(model: nn.Module, task_type: Optional[str]) -> set[str]:
         heads.append(out)
     elif task_type == "SEQ_CLS":
         heads += [getattr(model, n) for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Module)]
-    return {name for name, m in _walk(model) for h in heads if m is h or _base_of(m) is h}
+    return {name for name, m in named for h in heads if m is h or _base_of(m) is h}
 
 
 class LoraModel(nn.Module):
@@ -182,15 +192,16 @@ class LoraModel(nn.Module):
             )
 
         # One walk over the model: names, and which are linear (for "all-linear"), not entering our own layers.
+        named = list(_walk(self.model))
         names, linear, kinds = [], [], {}
-        for name, module in _walk(self.model):
+        for name, module in named:
             names.append(name)
             base = _base_of(module)
             kind = lora_layer_for(base) if not isinstance(module, ModulesToSaveWrapper) else None
             kinds[name] = (module, kind)
             if kind is not None and (isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D"):
                 linear.append(name)
-        targets = select_targets(config, names, linear, _head_names(self.model, config.task_type))
+        targets = select_targets(config, names, linear, _head_names(self.model, config.task_type, named))
         unsupported = [t.name for t in targets if kinds[t.name][1] is None]
         if unsupported:
             examples = ", ".join(f"{n} ({type(kinds[n][0]).__name__})" for n in unsupported[:5])
@@ -208,8 +219,8 @@ class LoraModel(nn.Module):
                 if not isinstance(module, LoraLayer):
                     layer = kind(module)
                     layer.active_adapters = list(self.active_adapters)
-                    parent, child = _parent_and_child(self.model, t.name)
-                    setattr(parent, child, layer)
+                    parent_name, _, child = t.name.rpartition(".")
+                    setattr(kinds[parent_name][0] if parent_name else self.model, child, layer)
                     created.append((t.name, module))
                     module = layer
                 else:
@@ -314,9 +325,20 @@ class LoraModel(nn.Module):
             warnings.warn(f"modules_to_save entries matched no module and were ignored: {missing}", stacklevel=4)
         return chosen
 
+    def _base_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``self.model.named_parameters()`` less what lorakit added (adapter factors, modules_to_save copies): one
+        walk that does not enter lorakit's layers, so its cost does not grow with the number of adapters."""
+        for name, module in _walk(self.model):
+            if isinstance(module, LoraLayer):
+                yield from _named_parameters(module.base_layer, f"{name}.base_layer")
+            elif isinstance(module, ModulesToSaveWrapper):
+                yield from _named_parameters(module.original_module, f"{name}.original_module")
+            else:  # the walk visits its children
+                yield from ((f"{name}.{k}" if name else k, p) for k, p in module._parameters.items() if p is not None)
+
     def _mark_trainable(self) -> None:
         """Only the active adapters (and the bias choice, and modules_to_save copies) train."""
-        for name, p in self.model.named_parameters():
+        for name, p in self._base_parameters():
             if self.prefix not in name and ".modules_to_save." not in f".{name}":
                 p.requires_grad_(False)
         for module in self._adapter_modules():

@@ -27,9 +27,11 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs: Any):
         super().__init__()
         config = self._prepare_config(model, peft_config)
+        # asked before injecting: the answer is the same, and transformers' check visits every module
+        checkpointing = hasattr(model, "enable_input_require_grads") and activation_checkpointing(model)
         self.base_model = LoraModel(model, config, adapter_name)
         self.training = model.training
-        if activation_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
+        if checkpointing:
             # Reentrant checkpointing gives a block no gradient unless its input needs one; the frozen embeddings'
             # output does not, so the adapters inside would get none (PEFT does the same).
             model.enable_input_require_grads()
