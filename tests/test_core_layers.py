@@ -1,5 +1,6 @@
 """Each layer kind against the dense reference in float64: base(x) with W replaced by W + s·B@A."""
 
+import copy
 import math
 
 import pytest
@@ -204,6 +205,36 @@ def test_register_a_custom_layer_type():
     plain = peft_model.merge_and_unload()
     assert type(plain[0]) is Scale
     torch.testing.assert_close(plain(x), out, atol=1e-6, rtol=0)
+
+
+def test_parts_built_without_module_init_are_ordinary_independent_modules():
+    """The layer and its parts skip ``nn.Module.__init__`` for speed: each must still hold the fields an ordinary
+    module holds, with tables of its own (a hook on one part stays on that part), and copy, save and load."""
+    import pickle
+
+    torch.manual_seed(0)
+    layer = Linear(nn.Linear(4, 3))
+    layer.update_layer("a", 2, 2, init_lora_weights=False)
+    layer.update_layer("b", 2, 2, init_lora_weights=False)
+    parts = [layer, layer.lora_A, layer.lora_B, layer.lora_dropout, layer.lora_A["a"], layer.lora_B["b"],
+             layer.lora_dropout["a"]]
+    reference = vars(nn.Module())
+    tables = []
+    for part in parts:
+        assert {k: type(vars(part)[k]) for k in reference} == {k: type(v) for k, v in reference.items()}
+        tables += [id(vars(part)[k]) for k, v in reference.items() if isinstance(v, (dict, set))]
+    assert len(tables) == len(set(tables))
+    hook = layer.lora_A["a"].register_forward_hook(lambda *args: None)
+    assert len(layer.lora_A["a"]._forward_hooks) == 1 and not layer.lora_A["b"]._forward_hooks
+    hook.remove()
+    assert sorted(layer.state_dict()) == ["base_layer.bias", "base_layer.weight", "lora_A.a.weight",
+                                          "lora_A.b.weight", "lora_B.a.weight", "lora_B.b.weight"]
+    layer.set_adapter("a")
+    x = torch.randn(2, 4)
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        torch.testing.assert_close(twin(x), layer(x), atol=0, rtol=0)
+        for key, value in layer.state_dict().items():
+            assert torch.equal(twin.state_dict()[key], value)
 
 
 def test_lora_delta_shapes():

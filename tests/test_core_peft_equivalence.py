@@ -112,3 +112,29 @@ def test_layer_list_at_the_models_root():
     seq = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(4, 4)) for _ in range(3)])
     peft_model = lorakit.get_peft_model(seq, lorakit.LoraConfig(target_modules=["0"], layers_to_transform=2))
     assert [n for n, _ in peft_model.base_model.lora_layers()] == ["2.0"]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+    dict(target_modules=["embed_tokens", "o_proj"], bias="all"),
+    dict(target_modules="all-linear", bias="lora_only", lora_dropout=0.1),
+    dict(target_modules=["q_proj"], inference_mode=True),
+], ids=["modules_to_save", "bias-all", "lora_only-dropout", "inference_mode"])
+def test_same_parameter_names_and_trainable_flags_as_peft(kw):
+    """Every parameter's name, shape and requires_grad as PEFT sets them, on a model in training mode and on one
+    in eval mode; again after adding and switching to a second adapter."""
+    import peft
+
+    import lorakit
+
+    for mode in (True, False):
+        base = tiny_llama().train(mode)
+        ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(r=4, **kw))
+        theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, **kw))
+        for step in ("first", "second"):
+            if step == "second":
+                ours.add_adapter("two", lorakit.LoraConfig(r=2, target_modules=["k_proj", "q_proj"]))
+                theirs.add_adapter("two", peft.LoraConfig(r=2, target_modules=["k_proj", "q_proj"]))
+                ours.set_adapter("two"), theirs.set_adapter("two")
+            params = {n: (p.shape, p.requires_grad) for n, p in ours.named_parameters()}
+            assert params == {n: (p.shape, p.requires_grad) for n, p in theirs.named_parameters()}, (mode, step)
