@@ -95,7 +95,7 @@ def unmerge_weight(weight: Tensor, delta: Tensor, fixups: tuple[Tensor, Tensor])
 
 def _kaiming_uniform_(t: Tensor) -> Tensor:
     """``nn.init.kaiming_uniform_(t, a=sqrt(5))`` (torch's default for Linear/Conv weights): U(±1/sqrt(fan_in))."""
-    bound = 1 / math.sqrt(t[0].numel())
+    bound = 1 / math.sqrt(math.prod(t.shape[1:]))
     return t.uniform_(-bound, bound)
 
 
@@ -123,10 +123,12 @@ def _init_module(module: nn.Module) -> None:
         state[key] = table()
 
 
-def _new_module(cls: type) -> nn.Module:
-    """A new ``cls`` (a module whose ``__init__`` adds nothing to ``nn.Module``'s: ModuleDict, Identity)."""
+def _new_module(cls: type, training: bool = True) -> nn.Module:
+    """A new ``cls`` (a module whose ``__init__`` adds nothing to ``nn.Module``'s: ModuleDict, Identity) in the
+    given mode (it has no children yet, so its own flag is all ``train()`` would set)."""
     module = cls.__new__(cls)
     _init_module(module)
+    vars(module)["training"] = training
     return module
 
 
@@ -229,8 +231,10 @@ class LoraLayer(nn.Module):
         weight = self.base_layer.weight
         device = weight.device if weight.device.type != "meta" else torch.device("cpu")
         self._create_factors(adapter_name, r, dtype=_adapter_dtype(weight), device=device)
-        dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else _new_module(nn.Identity)
-        self.lora_dropout[adapter_name] = dropout.train(self.training)
+        if lora_dropout > 0:
+            self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout).train(self.training)
+        else:
+            self.lora_dropout[adapter_name] = _new_module(nn.Identity, training=self.training)
         self.dropout_p[adapter_name] = float(lora_dropout)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
