@@ -106,15 +106,16 @@ def _adapter_dtype(weight: Tensor) -> torch.dtype:
     return weight.dtype
 
 
-_MODULE_FIELDS = {k: v for k, v in vars(nn.Module()).items() if not isinstance(v, (dict, set))}
-_MODULE_TABLES = tuple((k, type(v)) for k, v in vars(nn.Module()).items() if isinstance(v, (dict, set)))
+_PRISTINE = vars(nn.Module())  # the fields nn.Module.__init__ gives a module in the installed torch
+_MODULE_FIELDS = {k: v for k, v in _PRISTINE.items() if not isinstance(v, (dict, set))}
+_MODULE_TABLES = tuple((k, type(v)) for k, v in _PRISTINE.items() if isinstance(v, (dict, set)))
 
 
 def _init_module(module: nn.Module) -> None:
-    """Give ``module`` the state ``nn.Module.__init__`` gives it, at half the cost.
+    """Give ``module`` the state ``nn.Module.__init__`` gives it, in half the time.
 
-    ``nn.Module.__init__`` writes its 17 fields one by one through ``super().__setattr__``; an adapted layer is
-    seven modules (the layer, three ModuleDicts, A, B, dropout), so that alone was a third of ``get_peft_model``.
+    ``nn.Module.__init__`` writes its 17 fields one at a time through ``super().__setattr__``; an adapted layer
+    is seven modules (the layer, three ModuleDicts, A, B, dropout), so a 32-layer Llama builds 1568 of them.
     The fields are those of a pristine ``nn.Module()`` of the installed torch, with fresh empty tables.
     """
     state = vars(module)
@@ -186,7 +187,7 @@ class LoraLayer(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         _init_module(self)
         # Written straight into the module's tables: the names are new here, so Module.__setattr__'s checks
-        # (which cost as much as building the parts) could not find anything. One layer per targeted module.
+        # (~3 µs a field, more than the rest of building the layer) would find nothing to do.
         self._modules.update(
             base_layer=base_layer,
             lora_A=_new_module(nn.ModuleDict),

@@ -220,7 +220,7 @@ class LoraModel(nn.Module):
                     layer = kind(module)
                     layer.active_adapters = list(self.active_adapters)
                     parent_name, _, child = t.name.rpartition(".")
-                    setattr(kinds[parent_name][0] if parent_name else self.model, child, layer)
+                    setattr(kinds[parent_name][0], child, layer)  # "" names the root
                     created.append((t.name, module))
                     module = layer
                 else:
