@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
@@ -19,6 +20,12 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.module import (  # the global hooks that Module.__call__ checks (see _plain_linear_params)
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 
 from .kernels import add_dropped_lora, add_lora, add_lora_rows
 
@@ -141,6 +148,32 @@ class RowAdapters:
         raise ValueError(f"adapter_names has {rows} entries but a layer received a batch of {n} rows")
 
 
+_version = operator.attrgetter("_version")
+
+
+class _StackCache:
+    """A layer's stacked factors for one list of adapter names, with what they were built from.
+
+    Valid while the names, the scalings and the factor tensors are the same: the same objects (holding them keeps
+    their ids from being reused; a replaced parameter is a new object) at the same version counters (an in-place
+    update, such as an optimizer step or ``load_state_dict``, bumps them). The checks run in C loops: a mixed
+    batch of 32 adapters checks 64 tensors per layer per step.
+    """
+
+    def __init__(self, names: Sequence[str], scalings: list, tensors: list, stacks: tuple[Tensor, Tensor]) -> None:
+        self.names, self.scalings, self.tensors, self.stacks = tuple(names), scalings, tensors, stacks
+        self.versions = list(map(_version, tensors))
+
+    def matches(self, names: Sequence[str], scalings: list, tensors: list) -> bool:
+        return (
+            self.names == tuple(names)
+            and self.scalings == scalings
+            and len(self.tensors) == len(tensors)
+            and all(map(operator.is_, self.tensors, tensors))
+            and self.versions == list(map(_version, tensors))
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The base class
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,8 +271,13 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def _factor_params(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
-        """The A and B parameters of one adapter (as stored; may be transposed relative to :meth:`factors`)."""
-        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        """The A and B parameters of one adapter (as stored; may be transposed relative to :meth:`factors`).
+
+        Read through ``_modules`` (``self.lora_A[name].weight`` is three Python-level lookups): mixed batches
+        read every adapter's factors at every call.
+        """
+        modules = self._modules
+        return (_weight(modules["lora_A"]._modules[adapter_name]), _weight(modules["lora_B"]._modules[adapter_name]))
 
     def factors(self, adapter_name: str) -> tuple[Tensor, Tensor]:
         """``(A, B)`` in PEFT's orientation: ``A`` is ``r × in…``, ``B`` is ``out × r…``."""
@@ -252,13 +290,17 @@ class LoraLayer(nn.Module):
         return lora_delta(A, B, self.scaling[adapter_name], self.base_layer.weight.shape, self.transpose_delta)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        out = self.base_layer(x, *args, **kwargs)
+        out = self._base_forward(x, *args, **kwargs)
         if self._rows is not None:
             rows = self._rows
             return self._add_row_outputs(out, x, rows) if any(n in self.r for n in rows.names) else out
         for name in self._live:
             out = self._add_adapter_output(out, x, name)
         return out
+
+    def _base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """The base layer's output (``_modules`` read directly: ``self.base_layer`` is a Python-level lookup)."""
+        return self._modules["base_layer"](x, *args, **kwargs)
 
     # -- mixed batches: a different adapter per batch row ----------------------------------------------------------
     def _add_row_outputs(self, out: Tensor, x: Tensor, rows: "RowAdapters") -> Tensor:
@@ -277,14 +319,14 @@ class LoraLayer(nn.Module):
         """``A`` of every adapter in ``names`` as ``(K+1, r_max, in)`` and ``scaling·B`` as ``(K+1, out, r_max)``;
         slot 0 (the base model) and adapters this layer lacks are zeros, smaller ranks are zero-padded.
 
-        Cached while no gradient is recorded, keyed on the tensors' version counters (in-place updates, such
-        as an optimizer step or a load, invalidate it).
+        Cached while no gradient is recorded (see :class:`_StackCache`).
         """
         parts = [self.factors(n) if n in self.r else None for n in names]
         tensors = [t for pair in parts if pair for t in pair]
-        key = (tuple(names), tuple((id(t), t._version) for t in tensors))
-        if not torch.is_grad_enabled() and self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1]
+        scalings = [self.scaling.get(n) for n in names]
+        grad = torch.is_grad_enabled()
+        if not grad and self._stack_cache is not None and self._stack_cache.matches(names, scalings, tensors):
+            return self._stack_cache.stacks
         any_A, any_B = next(pair for pair in parts if pair)
         r_max = max(self.r[n] for n in names if n in self.r)
         As = [any_A.new_zeros(r_max, *any_A.shape[1:])]
@@ -298,8 +340,7 @@ class LoraLayer(nn.Module):
                 As.append(F.pad(A, (0, 0, 0, r_max - A.shape[0])))
                 Bs.append(F.pad(B, (0, r_max - B.shape[1])) * self.scaling[name])
         A_stack, B_stack = torch.stack(As), torch.stack(Bs)
-        if not torch.is_grad_enabled():
-            self._stack_cache = (key, (A_stack, B_stack))
+        self._stack_cache = None if grad else _StackCache(names, scalings, tensors, (A_stack, B_stack))
         return A_stack, B_stack
 
     def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
@@ -346,6 +387,7 @@ class LoraLayer(nn.Module):
 
     def _refresh(self) -> None:
         """Recompute, once per state change, which adapters the forward adds (keeps the hot path free of checks)."""
+        self._stack_cache = None  # adapters added, deleted, merged: let the old stacks go
         if self.disable_adapters:
             self._live = ()
         else:
@@ -437,9 +479,18 @@ class Linear(LoraLayer):
         self.lora_A[adapter_name] = Factor(self.in_features, r, dtype, device)
         self.lora_B[adapter_name] = Factor(r, self.out_features, dtype, device)
 
+    def _base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """``F.linear`` straight away where calling the base layer would do exactly that and nothing else (see
+        :func:`_plain_linear_params`); a decode step spends about as long in ``Module.__call__`` as in the LoRA
+        matmuls."""
+        base = self._modules["base_layer"]
+        params = None if args or kwargs else _plain_linear_params(base)
+        if params is None:
+            return base(x, *args, **kwargs)
+        return F.linear(x, *params)
+
     def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
-        A = self.lora_A[adapter_name].weight
-        B = self.lora_B[adapter_name].weight
+        A, B = self._factor_params(adapter_name)
         if x.dtype != A.dtype:
             x = x.to(A.dtype)
         p = self.dropout_p[adapter_name]
@@ -477,7 +528,9 @@ class Embedding(LoraLayer):
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=device))
 
     def _factor_params(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
-        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        modules = self._modules  # ParameterDict keeps its entries in _parameters
+        return (modules["lora_embedding_A"]._parameters[adapter_name],
+                modules["lora_embedding_B"]._parameters[adapter_name])
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
         """Reversed roles (PEFT, for True and "gaussian" alike): A starts at zero and B normal, so the looked-up
@@ -563,6 +616,33 @@ class Conv(LoraLayer):
         h = A(self.lora_dropout[adapter_name](x.to(A.weight.dtype)))
         y = self.lora_B[adapter_name](h) * self.scaling[adapter_name]
         return out + y.to(out.dtype)
+
+
+def _weight(module: nn.Module) -> Tensor:
+    """``module.weight``, read from ``_parameters`` where it is registered there: ``Module.__getattr__`` is a Python
+    call that costs more than a batch-1 LoRA matmul. Read at every call, so replaced parameters are picked up."""
+    weight = module._parameters.get("weight")
+    return module.weight if weight is None else weight
+
+
+
+def _plain_linear_params(module: nn.Module) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+    """``(weight, bias)`` when calling ``module`` computes exactly ``F.linear(x, weight, bias)``, else None.
+
+    That is a stock ``nn.Linear`` (not a subclass: quantized and parametrized layers have their own forward) with
+    no hooks of its own or global ones, no ``forward`` patched onto the instance (accelerate's offloading does
+    that) and both tensors registered as parameters.
+    """
+    if type(module) is not nn.Linear or "forward" in module.__dict__:
+        return None
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return None
+    if _global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks:
+        return None
+    params = module._parameters
+    if "weight" not in params or "bias" not in params:
+        return None
+    return params["weight"], params["bias"]
 
 
 def _torch_class(module: nn.Module) -> type:
