@@ -293,7 +293,7 @@ class LoraLayer(nn.Module):
         out = self._base_forward(x, *args, **kwargs)
         if self._rows is not None:
             rows = self._rows
-            return self._add_row_outputs(out, x, rows) if any(n in self.r for n in rows.names) else out
+            return out if self.r.keys().isdisjoint(rows.names) else self._add_row_outputs(out, x, rows)
         for name in self._live:
             out = self._add_adapter_output(out, x, name)
         return out
@@ -321,27 +321,32 @@ class LoraLayer(nn.Module):
 
         Cached while no gradient is recorded (see :class:`_StackCache`).
         """
-        parts = [self.factors(n) if n in self.r else None for n in names]
-        tensors = [t for pair in parts if pair for t in pair]
+        present = [n for n in names if n in self.r]
+        tensors = self._factor_list(present)
         scalings = [self.scaling.get(n) for n in names]
         grad = torch.is_grad_enabled()
         if not grad and self._stack_cache is not None and self._stack_cache.matches(names, scalings, tensors):
             return self._stack_cache.stacks
-        any_A, any_B = next(pair for pair in parts if pair)
-        r_max = max(self.r[n] for n in names if n in self.r)
+        pairs = dict(zip(present, zip(tensors[0::2], tensors[1::2])))
+        any_A, any_B = tensors[:2]
+        r_max = max(self.r[n] for n in present)
         As = [any_A.new_zeros(r_max, *any_A.shape[1:])]
         Bs = [any_B.new_zeros(any_B.shape[0], r_max)]
-        for name, pair in zip(names, parts):
-            if pair is None:
+        for name in names:
+            if name not in pairs:
                 As.append(As[0])
                 Bs.append(Bs[0])
             else:
-                A, B = pair
+                A, B = pairs[name]
                 As.append(F.pad(A, (0, 0, 0, r_max - A.shape[0])))
                 Bs.append(F.pad(B, (0, r_max - B.shape[1])) * self.scaling[name])
         A_stack, B_stack = torch.stack(As), torch.stack(Bs)
         self._stack_cache = None if grad else _StackCache(names, scalings, tensors, (A_stack, B_stack))
         return A_stack, B_stack
+
+    def _factor_list(self, names: Sequence[str]) -> list[Tensor]:
+        """``[A, B, A, B, …]`` (:meth:`factors`) of the adapters ``names``, all present in this layer."""
+        return [t for n in names for t in self.factors(n)]
 
     def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
         raise NotImplementedError
@@ -497,6 +502,16 @@ class Linear(LoraLayer):
         if p and self.training:
             return add_dropped_lora(out, x, A, B, self.scaling[adapter_name], p)
         return add_lora(out, F.linear(x, A), B, self.scaling[adapter_name])
+
+    def _factor_list(self, names: Sequence[str]) -> list[Tensor]:
+        """As the base class's, read in one loop without a method call per adapter: a mixed batch reads every
+        adapter's factors in every layer at every step. Factor modules hold ``weight`` in ``_parameters`` unless
+        something (a parametrization) replaced it; then the general path."""
+        A, B = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
+        try:
+            return [t for n in names for t in (A[n]._parameters["weight"], B[n]._parameters["weight"])]
+        except KeyError:
+            return super()._factor_list(names)
 
     def _add_row_outputs(self, out: Tensor, x: Tensor, rows: "RowAdapters") -> Tensor:
         index = rows.for_batch(x.shape[0])
