@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lorakit.layers import Linear, _plain_linear_params
+from lorakit.layers import Linear
 
 
 def make_layer(adapters=("a",), base=None, r=3, alpha=5.0):
@@ -38,35 +38,45 @@ class Doubled(nn.Linear):
         return 2 * super().forward(x)
 
 
+def calls_of(module):
+    """Count the calls that go through ``module.__call__`` (``Module._call_impl``, found on the instance first)."""
+    calls = []
+    plain = module._call_impl
+    module._call_impl = lambda *args, **kwargs: calls.append(1) or plain(*args, **kwargs)
+    return calls
+
+
 def test_plain_linear_base_takes_the_shortcut_and_equals_the_reference():
     layer = make_layer()
-    assert _plain_linear_params(layer.base_layer) is not None
+    base_calls = calls_of(layer.base_layer)
     x = torch.randn(2, 4, 6, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), dense(layer, x, "a"), atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(layer(x), dense(layer, x, "a"), atol=1e-12, rtol=1e-12)
+    assert base_calls == []
 
 
 @pytest.mark.parametrize("how", ["forward_hook", "forward_pre_hook", "global_forward_hook", "patched_forward",
-                                 "subclass"])
-def test_base_layer_with_hooks_or_own_forward_is_called_normally(how):
+                                 "patched_class_forward", "subclass"])
+def test_base_layer_with_hooks_or_own_forward_is_called_normally(how, monkeypatch):
     base = (Doubled(6, 5) if how == "subclass" else nn.Linear(6, 5)).double()
     layer = make_layer(base=base)
+    base_calls = calls_of(base)
     x = torch.randn(3, 6, dtype=torch.float64)
-    calls = []
     handle = None
     if how == "forward_hook":
-        handle = base.register_forward_hook(lambda m, args, out: calls.append(1) or out * 3)
+        handle = base.register_forward_hook(lambda m, args, out: out * 3)
     elif how == "forward_pre_hook":
-        handle = base.register_forward_pre_hook(lambda m, args: calls.append(1) or (args[0] * 3,))
+        handle = base.register_forward_pre_hook(lambda m, args: (args[0] * 3,))
     elif how == "global_forward_hook":
-        handle = nn.modules.module.register_module_forward_hook(
-            lambda m, args, out: (calls.append(1) or out * 3) if m is base else None)
+        handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: out * 3 if m is base else None)
     elif how == "patched_forward":
         plain = base.forward
-        base.forward = lambda inp: calls.append(1) or plain(inp) * 3
+        base.forward = lambda inp: plain(inp) * 3
+    elif how == "patched_class_forward":
+        plain = nn.Linear.forward
+        monkeypatch.setattr(nn.Linear, "forward", lambda self, inp: plain(self, inp) * 3)
     try:
-        assert _plain_linear_params(base) is None
         with torch.no_grad():
             out = layer(x)
     finally:
@@ -76,8 +86,18 @@ def test_base_layer_with_hooks_or_own_forward_is_called_normally(how):
     plain_base = dense(layer, x, None)
     expected = {"forward_pre_hook": dense(layer, 3 * x, None), "subclass": 2 * plain_base}.get(how, 3 * plain_base)
     torch.testing.assert_close(out, expected + lora, atol=1e-12, rtol=1e-12)
-    assert calls or how == "subclass"
-    assert _plain_linear_params(base) is not None or how in ("patched_forward", "subclass")
+    assert base_calls == [1]
+
+
+def test_base_tensors_that_are_not_parameters_are_read_by_the_base_layer():
+    """FSDP-style: the base weight deleted as a parameter and set as a plain tensor attribute."""
+    layer = make_layer()
+    weight = layer.base_layer.weight.detach().clone() * 2
+    del layer.base_layer.weight
+    layer.base_layer.weight = weight
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), dense(layer, x, "a"), atol=1e-12, rtol=1e-12)
 
 
 def test_replaced_parameters_are_picked_up():

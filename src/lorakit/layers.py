@@ -20,12 +20,17 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.module import (  # the global hooks that Module.__call__ checks (see _plain_linear_params)
-    _global_backward_hooks,
-    _global_backward_pre_hooks,
-    _global_forward_hooks,
-    _global_forward_pre_hooks,
-)
+
+try:  # the global hooks that Module.__call__ checks (see Linear.forward)
+    from torch.nn.modules.module import (
+        _global_backward_hooks,
+        _global_backward_pre_hooks,
+        _global_forward_hooks,
+        _global_forward_pre_hooks,
+    )
+except ImportError:  # a torch that keeps them elsewhere: assume there are hooks, always call the module
+    _global_forward_hooks = _global_forward_pre_hooks = _global_backward_hooks = _global_backward_pre_hooks = {0: 0}
+_LINEAR_FORWARD = nn.Linear.forward
 
 from .kernels import add_dropped_lora, add_lora, add_lora_rows
 
@@ -290,17 +295,13 @@ class LoraLayer(nn.Module):
         return lora_delta(A, B, self.scaling[adapter_name], self.base_layer.weight.shape, self.transpose_delta)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        out = self._base_forward(x, *args, **kwargs)
+        out = self._modules["base_layer"](x, *args, **kwargs)  # not self.base_layer: a Python-level lookup
         if self._rows is not None:
             rows = self._rows
             return out if self.r.keys().isdisjoint(rows.names) else self._add_row_outputs(out, x, rows)
         for name in self._live:
             out = self._add_adapter_output(out, x, name)
         return out
-
-    def _base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """The base layer's output (``_modules`` read directly: ``self.base_layer`` is a Python-level lookup)."""
-        return self._modules["base_layer"](x, *args, **kwargs)
 
     # -- mixed batches: a different adapter per batch row ----------------------------------------------------------
     def _add_row_outputs(self, out: Tensor, x: Tensor, rows: "RowAdapters") -> Tensor:
@@ -484,15 +485,31 @@ class Linear(LoraLayer):
         self.lora_A[adapter_name] = Factor(self.in_features, r, dtype, device)
         self.lora_B[adapter_name] = Factor(r, self.out_features, dtype, device)
 
-    def _base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """``F.linear`` straight away where calling the base layer would do exactly that and nothing else (see
-        :func:`_plain_linear_params`); a decode step spends about as long in ``Module.__call__`` as in the LoRA
-        matmuls."""
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """:meth:`LoraLayer.forward`, calling the base layer as ``F.linear`` where that is exactly what calling it
+        would do: a stock ``nn.Linear`` (not a subclass: quantized and parametrized layers have their own forward)
+        with no hooks of its own or global ones, no ``forward`` patched onto the instance or the class (accelerate's
+        offloading patches the instance) and its tensors registered as parameters (FSDP swaps in plain tensors).
+
+        At batch-1 decode ``Module.__call__`` costs as much as a LoRA matmul, and so does every further Python call
+        per layer (the interpreter's code and data are out of cache after each layer's weights stream through), so
+        the checks are written out here rather than in a helper.
+        """
         base = self._modules["base_layer"]
-        params = None if args or kwargs else _plain_linear_params(base)
-        if params is None:
-            return base(x, *args, **kwargs)
-        return F.linear(x, *params)
+        params = base._parameters
+        if (
+            args or kwargs or self._rows is not None
+            or type(base) is not nn.Linear or nn.Linear.forward is not _LINEAR_FORWARD or "forward" in base.__dict__
+            or base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+            or _global_forward_hooks or _global_forward_pre_hooks
+            or _global_backward_hooks or _global_backward_pre_hooks
+            or "weight" not in params or "bias" not in params
+        ):
+            return super().forward(x, *args, **kwargs)
+        out = F.linear(x, params["weight"], params["bias"])
+        for name in self._live:
+            out = self._add_adapter_output(out, x, name)
+        return out
 
     def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
         A, B = self._factor_params(adapter_name)
@@ -638,26 +655,6 @@ def _weight(module: nn.Module) -> Tensor:
     call that costs more than a batch-1 LoRA matmul. Read at every call, so replaced parameters are picked up."""
     weight = module._parameters.get("weight")
     return module.weight if weight is None else weight
-
-
-
-def _plain_linear_params(module: nn.Module) -> Optional[tuple[Tensor, Optional[Tensor]]]:
-    """``(weight, bias)`` when calling ``module`` computes exactly ``F.linear(x, weight, bias)``, else None.
-
-    That is a stock ``nn.Linear`` (not a subclass: quantized and parametrized layers have their own forward) with
-    no hooks of its own or global ones, no ``forward`` patched onto the instance (accelerate's offloading does
-    that) and both tensors registered as parameters.
-    """
-    if type(module) is not nn.Linear or "forward" in module.__dict__:
-        return None
-    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
-        return None
-    if _global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks:
-        return None
-    params = module._parameters
-    if "weight" not in params or "bias" not in params:
-        return None
-    return params["weight"], params["bias"]
 
 
 def _torch_class(module: nn.Module) -> type:
