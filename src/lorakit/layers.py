@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
@@ -19,6 +20,17 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+try:  # the global hooks that Module.__call__ checks (see Linear.forward)
+    from torch.nn.modules.module import (
+        _global_backward_hooks,
+        _global_backward_pre_hooks,
+        _global_forward_hooks,
+        _global_forward_pre_hooks,
+    )
+except ImportError:  # a torch that keeps them elsewhere: assume there are hooks, always call the module
+    _global_forward_hooks = _global_forward_pre_hooks = _global_backward_hooks = _global_backward_pre_hooks = {0: 0}
+_LINEAR_FORWARD = nn.Linear.forward
 
 from .kernels import add_dropped_lora, add_lora, add_lora_rows
 
@@ -168,6 +180,32 @@ class RowAdapters:
         raise ValueError(f"adapter_names has {rows} entries but a layer received a batch of {n} rows")
 
 
+_version = operator.attrgetter("_version")
+
+
+class _StackCache:
+    """A layer's stacked factors for one list of adapter names, with what they were built from.
+
+    Valid while the names, the scalings and the factor tensors are the same: the same objects (holding them keeps
+    their ids from being reused; a replaced parameter is a new object) at the same version counters (an in-place
+    update, such as an optimizer step or ``load_state_dict``, bumps them). The checks run in C loops: a mixed
+    batch of 32 adapters checks 64 tensors per layer per step.
+    """
+
+    def __init__(self, names: Sequence[str], scalings: list, tensors: list, stacks: tuple[Tensor, Tensor]) -> None:
+        self.names, self.scalings, self.tensors, self.stacks = tuple(names), scalings, tensors, stacks
+        self.versions = list(map(_version, tensors))
+
+    def matches(self, names: Sequence[str], scalings: list, tensors: list) -> bool:
+        return (
+            self.names == tuple(names)
+            and self.scalings == scalings
+            and len(self.tensors) == len(tensors)
+            and all(map(operator.is_, self.tensors, tensors))
+            and self.versions == list(map(_version, tensors))
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The base class
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,8 +305,13 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def _factor_params(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
-        """The A and B parameters of one adapter (as stored; may be transposed relative to :meth:`factors`)."""
-        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        """The A and B parameters of one adapter (as stored; may be transposed relative to :meth:`factors`).
+
+        Read through ``_modules`` (``self.lora_A[name].weight`` is three Python-level lookups): mixed batches
+        read every adapter's factors at every call.
+        """
+        modules = self._modules
+        return (_weight(modules["lora_A"]._modules[adapter_name]), _weight(modules["lora_B"]._modules[adapter_name]))
 
     def factors(self, adapter_name: str) -> tuple[Tensor, Tensor]:
         """``(A, B)`` in PEFT's orientation: ``A`` is ``r × in…``, ``B`` is ``out × r…``."""
@@ -281,10 +324,10 @@ class LoraLayer(nn.Module):
         return lora_delta(A, B, self.scaling[adapter_name], self.base_layer.weight.shape, self.transpose_delta)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        out = self.base_layer(x, *args, **kwargs)
+        out = self._modules["base_layer"](x, *args, **kwargs)  # not self.base_layer: a Python-level lookup
         if self._rows is not None:
             rows = self._rows
-            return self._add_row_outputs(out, x, rows) if any(n in self.r for n in rows.names) else out
+            return out if self.r.keys().isdisjoint(rows.names) else self._add_row_outputs(out, x, rows)
         for name in self._live:
             out = self._add_adapter_output(out, x, name)
         return out
@@ -306,30 +349,34 @@ class LoraLayer(nn.Module):
         """``A`` of every adapter in ``names`` as ``(K+1, r_max, in)`` and ``scaling·B`` as ``(K+1, out, r_max)``;
         slot 0 (the base model) and adapters this layer lacks are zeros, smaller ranks are zero-padded.
 
-        Cached while no gradient is recorded, keyed on the tensors' version counters (in-place updates, such
-        as an optimizer step or a load, invalidate it).
+        Cached while no gradient is recorded (see :class:`_StackCache`).
         """
-        parts = [self.factors(n) if n in self.r else None for n in names]
-        tensors = [t for pair in parts if pair for t in pair]
-        key = (tuple(names), tuple((id(t), t._version) for t in tensors))
-        if not torch.is_grad_enabled() and self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1]
-        any_A, any_B = next(pair for pair in parts if pair)
-        r_max = max(self.r[n] for n in names if n in self.r)
+        present = [n for n in names if n in self.r]
+        tensors = self._factor_list(present)
+        scalings = [self.scaling.get(n) for n in names]
+        grad = torch.is_grad_enabled()
+        if not grad and self._stack_cache is not None and self._stack_cache.matches(names, scalings, tensors):
+            return self._stack_cache.stacks
+        pairs = dict(zip(present, zip(tensors[0::2], tensors[1::2])))
+        any_A, any_B = tensors[:2]
+        r_max = max(self.r[n] for n in present)
         As = [any_A.new_zeros(r_max, *any_A.shape[1:])]
         Bs = [any_B.new_zeros(any_B.shape[0], r_max)]
-        for name, pair in zip(names, parts):
-            if pair is None:
+        for name in names:
+            if name not in pairs:
                 As.append(As[0])
                 Bs.append(Bs[0])
             else:
-                A, B = pair
+                A, B = pairs[name]
                 As.append(F.pad(A, (0, 0, 0, r_max - A.shape[0])))
                 Bs.append(F.pad(B, (0, r_max - B.shape[1])) * self.scaling[name])
         A_stack, B_stack = torch.stack(As), torch.stack(Bs)
-        if not torch.is_grad_enabled():
-            self._stack_cache = (key, (A_stack, B_stack))
+        self._stack_cache = None if grad else _StackCache(names, scalings, tensors, (A_stack, B_stack))
         return A_stack, B_stack
+
+    def _factor_list(self, names: Sequence[str]) -> list[Tensor]:
+        """``[A, B, A, B, …]`` (:meth:`factors`) of the adapters ``names``, all present in this layer."""
+        return [t for n in names for t in self.factors(n)]
 
     def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
         raise NotImplementedError
@@ -387,6 +434,7 @@ class LoraLayer(nn.Module):
 
     def _refresh(self) -> None:
         """Recompute, once per state change, which adapters the forward adds (keeps the hot path free of checks)."""
+        self._stack_cache = None  # adapters added, deleted, merged: let the old stacks go
         if self.disable_adapters:
             self._live = ()
         else:
@@ -478,15 +526,50 @@ class Linear(LoraLayer):
         self.lora_A[adapter_name] = Factor(self.in_features, r, dtype, device)
         self.lora_B[adapter_name] = Factor(r, self.out_features, dtype, device)
 
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """:meth:`LoraLayer.forward`, calling the base layer as ``F.linear`` where that is exactly what calling it
+        would do: a stock ``nn.Linear`` (not a subclass: quantized and parametrized layers have their own forward)
+        with no hooks of its own or global ones, no ``forward`` patched onto the instance or the class (accelerate's
+        offloading patches the instance) and its tensors registered as parameters (FSDP swaps in plain tensors).
+
+        At batch-1 decode ``Module.__call__`` costs as much as a LoRA matmul, and so does every further Python call
+        per layer (the interpreter's code and data are out of cache after each layer's weights stream through), so
+        the checks are written out here rather than in a helper.
+        """
+        base = self._modules["base_layer"]
+        params = base._parameters
+        if (
+            args or kwargs or self._rows is not None
+            or type(base) is not nn.Linear or nn.Linear.forward is not _LINEAR_FORWARD or "forward" in base.__dict__
+            or base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+            or _global_forward_hooks or _global_forward_pre_hooks
+            or _global_backward_hooks or _global_backward_pre_hooks
+            or "weight" not in params or "bias" not in params
+        ):
+            return super().forward(x, *args, **kwargs)
+        out = F.linear(x, params["weight"], params["bias"])
+        for name in self._live:
+            out = self._add_adapter_output(out, x, name)
+        return out
+
     def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
-        A = self.lora_A[adapter_name].weight
-        B = self.lora_B[adapter_name].weight
+        A, B = self._factor_params(adapter_name)
         if x.dtype != A.dtype:
             x = x.to(A.dtype)
         p = self.dropout_p[adapter_name]
         if p and self.training:
             return add_dropped_lora(out, x, A, B, self.scaling[adapter_name], p)
         return add_lora(out, F.linear(x, A), B, self.scaling[adapter_name])
+
+    def _factor_list(self, names: Sequence[str]) -> list[Tensor]:
+        """As the base class's, read in one loop without a method call per adapter: a mixed batch reads every
+        adapter's factors in every layer at every step. Factor modules hold ``weight`` in ``_parameters`` unless
+        something (a parametrization) replaced it; then the general path."""
+        A, B = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
+        try:
+            return [t for n in names for t in (A[n]._parameters["weight"], B[n]._parameters["weight"])]
+        except KeyError:
+            return super()._factor_list(names)
 
     def _add_row_outputs(self, out: Tensor, x: Tensor, rows: "RowAdapters") -> Tensor:
         index = rows.for_batch(x.shape[0])
@@ -518,7 +601,9 @@ class Embedding(LoraLayer):
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=device))
 
     def _factor_params(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
-        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        modules = self._modules  # ParameterDict keeps its entries in _parameters
+        return (modules["lora_embedding_A"]._parameters[adapter_name],
+                modules["lora_embedding_B"]._parameters[adapter_name])
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
         """Reversed roles (PEFT, for True and "gaussian" alike): A starts at zero and B normal, so the looked-up
@@ -604,6 +689,13 @@ class Conv(LoraLayer):
         h = A(self.lora_dropout[adapter_name](x.to(A.weight.dtype)))
         y = self.lora_B[adapter_name](h) * self.scaling[adapter_name]
         return out + y.to(out.dtype)
+
+
+def _weight(module: nn.Module) -> Tensor:
+    """``module.weight``, read from ``_parameters`` where it is registered there: ``Module.__getattr__`` is a Python
+    call that costs more than a batch-1 LoRA matmul. Read at every call, so replaced parameters are picked up."""
+    weight = module._parameters.get("weight")
+    return module.weight if weight is None else weight
 
 
 def _torch_class(module: nn.Module) -> type:
