@@ -126,7 +126,8 @@ class LoraModel(nn.Module):
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; this model has "
                              f"{list(self.peft_config)} (and {BASE!r} for none)")
-        merged = self.merged_adapter_names()
+        modules = list(self._adapter_modules())  # one walk serves the merged check and the assignment
+        merged = list(dict.fromkeys(n for m in modules if isinstance(m, LoraLayer) for n in m.merged_adapters))
         if merged:
             raise ValueError(f"adapter(s) {merged} are merged into the weights; unmerge_adapter() before a mixed batch")
         if torch.is_grad_enabled() and self.model.training and activation_checkpointing(self.model):
@@ -136,7 +137,6 @@ class LoraModel(nn.Module):
             )
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         rows = RowAdapters.from_names(adapter_names, BASE, device)
-        modules = list(self._adapter_modules())
         for module in modules:
             module._rows = rows
         try:
@@ -383,7 +383,8 @@ class LoraModel(nn.Module):
     def disable_adapter(self):
         """Run the bare base model inside the block; the previous state (merged adapters too) comes back after,
         even when the block raises."""
-        merged = self.merged_adapter_names()
+        modules = list(self._adapter_modules())  # one walk serves the merged check and the assignment
+        merged = list(dict.fromkeys(n for m in modules if isinstance(m, LoraLayer) for n in m.merged_adapters))
         if merged:
             self.unmerge_adapter()
         was_disabled = [(m, m.disable_adapters) for m in self._adapter_modules()]
