@@ -5,7 +5,7 @@ pair ``lora_A``/``lora_B`` (``lora_embedding_A``/``lora_embedding_B`` for embedd
 dropout, with PEFT's attribute names so state dicts and user code written for PEFT keep working.
 
 The update ``s·B@A`` as a weight is computed by one function, :func:`lora_delta`; forward checks, merge, unmerge
-and export all use it. Merging is exact in both directions: see :func:`merge_weight`.
+and export all use it. Merging is exact in both directions: see :mod:`lorakit.exact_merge`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .exact_merge import MergeRecord, Scratch, merge_exact, unmerge_exact
 from .kernels import add_dropped_lora, add_lora, add_lora_rows
 
 __all__ = [
@@ -28,8 +29,6 @@ __all__ = [
     "Embedding",
     "Conv",
     "lora_delta",
-    "merge_weight",
-    "unmerge_weight",
     "register_lora_layer",
     "lora_layer_for",
 ]
@@ -38,59 +37,31 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------------
 # The maths, in one place
 # ----------------------------------------------------------------------------------------------------------------
-def lora_delta(A: Tensor, B: Tensor, scaling: float, weight_shape: Sequence[int], transpose: bool = False) -> Tensor:
+def lora_delta(
+    A: Tensor, B: Tensor, scaling: float, weight_shape: Sequence[int], transpose: bool = False,
+    out: Optional[Tensor] = None,
+) -> Tensor:
     """``scaling · B @ A`` shaped like the base weight.
 
     ``A`` is ``r × in`` (convs: ``r × in × k…``), ``B`` is ``out × r`` (convs: ``out × r × 1…``). ``transpose`` is
-    for weights stored ``in × out`` (GPT-2's Conv1D, embeddings). Computed in at least float32.
+    for weights stored ``in × out`` (GPT-2's Conv1D, embeddings). Computed in at least float32, as one matrix
+    product with the scaling folded into the rank-sized ``B`` (no pass over the full-size result), written into
+    ``out`` (a flat buffer of at least that dtype and size) when given. Merging and unmerging both call this, so
+    they see the same bits.
     """
-    dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
-    delta = B.flatten(1).to(dtype) @ A.flatten(1).to(dtype)
+    dtype = _delta_dtype(A, B)
+    left, right = B.flatten(1).to(dtype) * scaling, A.flatten(1).to(dtype)
     if transpose:
-        delta = delta.T
-    return delta.mul_(scaling).reshape(weight_shape)
+        left, right = right.T, left.T
+    if out is None:
+        return (left @ right).view(weight_shape)
+    shape = (left.shape[0], right.shape[1])
+    return torch.mm(left, right, out=out.view(-1)[: shape[0] * shape[1]].view(shape)).view(weight_shape)
 
 
-_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-def _shifted(weight: Tensor, delta: Tensor, sign: float) -> Tensor:
-    """``weight + sign·delta`` computed in at least float32 and rounded once to the weight's dtype (a new tensor).
-
-    The delta is a materialised tensor on purpose: a fused ``addmm_`` accumulates it in several roundings,
-    and then the subtraction no longer mirrors the addition.
-    """
-    return torch.add(weight, delta, alpha=sign).to(weight.dtype)  # type promotion computes in the wider dtype
-
-
-def merge_weight(weight: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
-    """Add ``delta`` to ``weight`` in place, rounding once, and return what exact unmerging needs.
-
-    Rounding ``W + Δ`` to the weight's dtype loses bits, so ``(W + Δ) − Δ`` is not always ``W`` again (PEFT's
-    bf16 drift). Most elements do come back; the others (mostly where ``|Δ|`` rivals ``|W|`` or the sum changes
-    binade) are recorded here as (flat index, original value), so :func:`unmerge_weight`, which repeats exactly
-    the subtraction checked here, restores ``W`` bit for bit. Their number grows with ``|Δ|/|W|``.
-    """
-    with torch.no_grad():
-        merged = _shifted(weight, delta, 1.0)
-        back = _shifted(merged, delta, -1.0)
-        bits = _BITS.get(weight.dtype)
-        wrong = back.view(bits) != weight.view(bits) if bits is not None else back != weight
-        index = wrong.view(-1).nonzero().squeeze(1)
-        if weight.numel() < 2**31:
-            index = index.to(torch.int32)
-        original = weight.reshape(-1)[index.long()].clone()
-        weight.copy_(merged)
-    return index, original
-
-
-def unmerge_weight(weight: Tensor, delta: Tensor, fixups: tuple[Tensor, Tensor]) -> None:
-    """Undo :func:`merge_weight` in place: subtract ``delta`` and put back the recorded elements."""
-    index, original = fixups
-    with torch.no_grad():
-        back = _shifted(weight, delta, -1.0)
-        back.view(-1)[index.long()] = original
-        weight.copy_(back)
+def _delta_dtype(A: Tensor, B: Tensor) -> torch.dtype:
+    """The dtype :func:`lora_delta` computes in: the factors' common dtype, at least float32."""
+    return torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
 
 
 def _kaiming_uniform_(t: Tensor) -> Tensor:
@@ -172,7 +143,7 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
-        self._fixups: dict[str, tuple[Tensor, Tensor]] = {}
+        self._fixups: dict[str, MergeRecord] = {}  # per merged adapter, what unmerging needs to be exact
         self._own_weight_of: Optional[nn.Parameter] = None  # the shared weight we copied away from on merge
         self._live: tuple[str, ...] = ()  # adapters the forward adds: active, present, unmerged, not disabled
         self._rows: Optional[RowAdapters] = None  # set for the length of one mixed-batch call
@@ -246,10 +217,11 @@ class LoraLayer(nn.Module):
         return self._factor_params(adapter_name)
 
     # -- the maths --------------------------------------------------------------------------------------------------
-    def delta_weight(self, adapter_name: str) -> Tensor:
-        """``scaling · B @ A`` shaped (and oriented) like the base weight, in at least float32."""
+    def delta_weight(self, adapter_name: str, out: Optional[Tensor] = None) -> Tensor:
+        """``scaling · B @ A`` shaped (and oriented) like the base weight, in at least float32 (into ``out``, a
+        flat buffer, when given)."""
         A, B = self.factors(adapter_name)
-        return lora_delta(A, B, self.scaling[adapter_name], self.base_layer.weight.shape, self.transpose_delta)
+        return lora_delta(A, B, self.scaling[adapter_name], self.base_layer.weight.shape, self.transpose_delta, out)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -367,12 +339,14 @@ class LoraLayer(nn.Module):
                     "weight; nothing was merged"
                 )
 
-    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False, own_weight: bool = False):
-        """Fold adapters (default: the active ones) into the base weight, exactly reversibly (:func:`merge_weight`).
+    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False, own_weight: bool = False,
+              scratch: Optional[Scratch] = None):
+        """Fold adapters (default: the active ones) into the base weight, exactly reversibly
+        (:func:`~lorakit.exact_merge.merge_exact`).
 
         Adapters already merged are skipped. ``own_weight``: the base weight is shared with another module (tied
         embeddings), so merge into a private copy and leave the shared one alone. ``safe_merge`` checks for
-        non-finite results before the weight is touched.
+        non-finite results before the weight is touched. ``scratch``: work buffers to reuse across layers.
         """
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         names = [n for n in names if n in self.r and n not in self.merged_adapters]
@@ -385,20 +359,30 @@ class LoraLayer(nn.Module):
             shared = self.base_layer.weight
             self.base_layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
             self._own_weight_of = shared
+        scratch = scratch or Scratch()
         for name in names:
-            self._fixups[name] = merge_weight(self.base_layer.weight.data, self.delta_weight(name))
+            self._fixups[name] = merge_exact(self.base_layer.weight.data, self._scratch_delta(name, scratch), scratch)
             self.merged_adapters.append(name)
         self._refresh()
 
-    def unmerge(self) -> None:
+    def unmerge(self, scratch: Optional[Scratch] = None) -> None:
         """Subtract every merged adapter, last merged first, restoring the original weight bit for bit."""
+        scratch = scratch or Scratch()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            unmerge_weight(self.base_layer.weight.data, self.delta_weight(name), self._fixups.pop(name))
+            weight = self.base_layer.weight.data
+            unmerge_exact(weight, self._scratch_delta(name, scratch), self._fixups.pop(name), scratch)
         if self._own_weight_of is not None:
             self.base_layer.weight = self._own_weight_of
             self._own_weight_of = None
         self._refresh()
+
+    def _scratch_delta(self, adapter_name: str, scratch: Scratch) -> Tensor:
+        """:meth:`delta_weight` written into ``scratch`` (merge and unmerge both take it from here)."""
+        weight = self.base_layer.weight
+        dtype = _delta_dtype(*self.factors(adapter_name))
+        with torch.no_grad():
+            return self.delta_weight(adapter_name, out=scratch.get("delta", weight.numel(), dtype, weight.device))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.adapter_names)
@@ -554,9 +538,9 @@ class Conv(LoraLayer):
                 "update is a dense conv and does not fit a grouped weight; keep the adapter unmerged"
             )
 
-    def delta_weight(self, adapter_name: str) -> Tensor:
+    def delta_weight(self, adapter_name: str, out: Optional[Tensor] = None) -> Tensor:
         self.check_mergeable()
-        return super().delta_weight(adapter_name)
+        return super().delta_weight(adapter_name, out)
 
     def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
         A = self.lora_A[adapter_name]
