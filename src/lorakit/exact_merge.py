@@ -1,10 +1,14 @@
-"""Fold a delta into a weight so that it can be taken out again bit for bit.
+"""Fold a low-rank delta into a weight so that it can be taken out again bit for bit.
 
-Adding ``Δ`` to a weight rounds, so ``(W + Δ) − Δ`` is not always ``W`` again (PEFT's drift after a merge →
-unmerge cycle, large in bf16/fp16). :func:`merge_exact` adds ``Δ`` exactly as PEFT's ``W += Δ`` does (computed in
-the wider of the two dtypes, rounded once to the weight's dtype), finds the elements that the subtraction would
-not bring back, and returns a small :class:`MergeRecord` of them; :func:`unmerge_exact` subtracts ``Δ`` and
-applies the record. The caller passes the same ``Δ``, bit for bit, to both.
+Adding ``Δ = left @ right`` to a weight rounds, so ``(W + Δ) − Δ`` is not always ``W`` again (PEFT's drift
+after a merge → unmerge cycle, large in bf16/fp16). :func:`merge_exact` adds ``Δ`` exactly as PEFT's ``W += Δ``
+does (computed in the wider of the two dtypes, rounded once to the weight's dtype), finds the elements that the
+subtraction would not bring back, and returns a small :class:`MergeRecord` of them; :func:`unmerge_exact`
+subtracts the same ``Δ`` and applies the record.
+
+Both compute ``Δ`` by one and the same matrix product (so they see the same bits, and the same as PEFT's
+``B @ A``), then work through the weight a block of rows at a time (``_CHUNK`` elements), so that the work
+buffers of a block stay in the CPU cache between the several passes over it.
 
 What is recorded per element is ``k``: the original bit pattern minus the subtracted one, as integers (exact,
 wrapping; mostly ±1, sometimes ±2 or ±3 units in the last place). In up to three layers:
@@ -27,6 +31,7 @@ from torch import Tensor
 
 __all__ = ["MergeRecord", "Scratch", "merge_exact", "unmerge_exact"]
 
+_CHUNK = 1 << 18  # elements per block of rows worked on at a time (1 MiB per float32 buffer)
 _BLOCK = 1 << 16  # sparse positions are 16-bit offsets inside blocks of this many elements
 _PAD = 64  # work buffers are padded to a multiple of this many elements (the largest fold in _nonzero)
 _SAMPLE = 61  # the failure rate is estimated from every this-many-th element
@@ -42,8 +47,8 @@ class MergeRecord:
     counts: Tensor  #: sparse: int32, per block of 65536 elements, how many of ``offsets`` fall into it
     offsets: Tensor  #: sparse: int16, position inside the block minus 32768, ascending
     steps: Tensor  #: sparse: int8, ``k`` (minus what the dense layer adds)
-    codes: Tensor  #: dense (or empty): uint8, ``k + 1`` of elements ``i, i+q, i+2q, i+3q`` in bits 0-1, 2-3, 4-5, 6-7
-    escape_index: Tensor  #: int64 flat positions whose ``k`` does not fit the encoding
+    codes: Tensor  #: dense (or empty): uint8, per chunk ``k + 1`` of elements ``i, i+q, i+2q, i+3q`` in bits 0-1, 2-3, …
+    escape_index: Tensor  #: int64 flat positions whose ``k`` does not fit the sparse byte
     escape_bits: Tensor  #: their original bit patterns (the weight's same-size integer type)
 
     @property
@@ -58,11 +63,7 @@ class MergeRecord:
 
 
 class Scratch:
-    """Work buffers reused across the weights of one merge or unmerge call.
-
-    Fresh tensors the size of a weight cost page faults on every use; one set, grown to the largest weight,
-    does not. Drop the object to free them.
-    """
+    """Work buffers reused across blocks and weights (fresh ones cost page faults on every use)."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, Tensor] = {}
@@ -76,52 +77,115 @@ class Scratch:
         return buf[:numel]
 
 
-def merge_exact(weight: Tensor, delta: Tensor, scratch: Optional[Scratch] = None) -> MergeRecord:
-    """``weight += delta`` in place, rounded as PEFT rounds it, and the record :func:`unmerge_exact` needs.
+def merge_exact(weight: Tensor, left: Tensor, right: Tensor, scratch: Optional[Scratch] = None) -> MergeRecord:
+    """``weight += left @ right`` in place, rounded as PEFT rounds it; returns what :func:`unmerge_exact` needs.
 
-    ``delta`` may live in ``scratch`` under the slot ``"delta"`` (the slots used here are others).
+    ``weight`` is read as a ``left.shape[0] × right.shape[1]`` matrix (row-major); the product is computed in
+    the factors' dtype.
     """
-    _check(weight, delta)
+    matrix = _as_matrix(weight, left, right)
     scratch = scratch or Scratch()
-    n, ints = weight.numel(), _INT[weight.element_size()]
+    ints = _INT[weight.element_size()]
+    dense: Optional[bool] = None
+    codes, index, steps, escape_index, escape_bits = [], [], [], [], []
     with torch.no_grad():
-        merged = torch.add(weight, delta, out=scratch.get("merged", n, weight.dtype, weight.device).view(weight.shape))
-        padded = scratch.get("diff", -(-n // _PAD) * _PAD, ints, weight.device)
-        back = padded[:n].view(weight.dtype).view(weight.shape)
-        torch.sub(merged, delta, out=back)
-        torch.sub(weight.view(ints), back.view(ints), out=back.view(ints))  # k, for every element
-        padded[n:].zero_()
-        codes = _dense_codes(padded, scratch) if _sampled_rate(padded) > _DENSE_RATE else padded[:0].byte()
-        record = _sparse(padded, codes, weight.view(ints).reshape(-1), scratch)
-        weight.copy_(merged)
-    return record
+        full_delta = _delta(left, right, scratch)
+        for start, rows in _blocks(matrix):
+            w, delta = matrix[start : start + rows], full_delta[start : start + rows]
+            n = w.numel()
+            merged = torch.add(w, delta, out=scratch.get("merged", n, w.dtype, w.device).view(w.shape))
+            k = scratch.get("k", -(-n // _PAD) * _PAD, ints, w.device)
+            back = k[:n].view(w.dtype).view(w.shape)
+            torch.sub(merged, delta, out=back)
+            torch.sub(w.view(ints), back.view(ints), out=back.view(ints))
+            k[n:].zero_()
+            if dense is None:  # decided once per weight, from its first block
+                dense = _sampled_rate(k) > _DENSE_RATE
+            if dense:
+                codes.append(_dense_codes(k, scratch))
+            at = _nonzero(k, _sampled_rate(k), scratch)
+            values = k.index_select(0, at)
+            fits = (values >= -128) & (values <= 127) if _beyond_byte(values) else None
+            if fits is not None:
+                escape_index.append(at[~fits] + start * w.shape[1])
+                escape_bits.append(w.view(ints).reshape(-1).index_select(0, at[~fits]))
+                at, values = at[fits], values[fits]
+            index.append(at + start * w.shape[1])
+            steps.append(values.to(torch.int8))
+            w.copy_(merged)
+        if matrix.data_ptr() != weight.data_ptr():
+            weight.copy_(matrix.view(weight.shape))
+    return _record(_cat(index, torch.int64, weight), _cat(steps, torch.int8, weight), weight.numel(),
+                   _cat(codes, torch.uint8, weight), _cat(escape_index, torch.int64, weight),
+                   _cat(escape_bits, ints, weight))
 
 
-def unmerge_exact(weight: Tensor, delta: Tensor, record: MergeRecord, scratch: Optional[Scratch] = None) -> None:
-    """Undo :func:`merge_exact` in place: ``weight -= delta``, then every recorded ``k`` is added back."""
-    _check(weight, delta)
+def unmerge_exact(weight: Tensor, left: Tensor, right: Tensor, record: MergeRecord,
+                  scratch: Optional[Scratch] = None) -> None:
+    """Undo :func:`merge_exact` in place (same ``left`` and ``right``): subtract, then add back every ``k``."""
+    matrix = _as_matrix(weight, left, right)
+    scratch = scratch or Scratch()
+    ints = _INT[weight.element_size()]
+    codes = record.codes
     with torch.no_grad():
-        target = weight if weight.is_contiguous() else (scratch or Scratch()).get(
-            "merged", weight.numel(), weight.dtype, weight.device).view(weight.shape)
-        torch.sub(weight, delta, out=target)
-        bits = target.view(_INT[weight.element_size()]).view(-1)
-        if record.codes.numel():
-            _add_codes(bits, record.codes)
+        delta = _delta(left, right, scratch)
+        for start, rows in _blocks(matrix):
+            w = matrix[start : start + rows]
+            w.sub_(delta[start : start + rows])
+            if codes.numel():
+                q = -(-w.numel() // _PAD) * _PAD // 4
+                _add_codes(w.view(ints).view(-1), codes[:q])
+                codes = codes[q:]
+        bits = matrix.view(ints).view(-1)
         if record.steps.numel():
-            index = record.flat_index()
-            bits[index] = bits[index] + record.steps
-        bits[record.escape_index] = record.escape_bits
-        if target is not weight:
-            weight.copy_(target)
+            bits.index_add_(0, record.flat_index(), record.steps.to(ints))
+        bits.index_copy_(0, record.escape_index, record.escape_bits)
+        if matrix.data_ptr() != weight.data_ptr():
+            weight.copy_(matrix.view(weight.shape))
 
 
-def _check(weight: Tensor, delta: Tensor) -> None:
+def _as_matrix(weight: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """``weight`` as the ``rows × cols`` matrix the product fills (a contiguous copy if it cannot be a view)."""
     if not weight.dtype.is_floating_point:
         raise ValueError(f"cannot merge into a weight of dtype {weight.dtype}: only floating-point weights")
     if weight.device.type == "meta":
         raise ValueError("cannot merge into a weight on the meta device: it holds no values")
-    if delta.shape != weight.shape:
-        raise ValueError(f"delta of shape {tuple(delta.shape)} does not fit the weight's {tuple(weight.shape)}")
+    rows, cols = left.shape[0], right.shape[1]
+    if left.dim() != 2 or right.dim() != 2 or left.shape[1] != right.shape[0] or weight.numel() != rows * cols:
+        raise ValueError(f"the product of factors {tuple(left.shape)} and {tuple(right.shape)} does not fit a "
+                         f"weight of shape {tuple(weight.shape)}")
+    return weight.contiguous().view(rows, cols)
+
+
+def _blocks(matrix: Tensor) -> list[tuple[int, int]]:
+    """``(first row, number of rows)`` of each block of about ``_CHUNK`` elements (at least one row)."""
+    rows, cols = matrix.shape
+    step = max(1, _CHUNK // max(cols, 1))
+    return [(start, min(step, rows - start)) for start in range(0, rows, step)]
+
+
+def _delta(left: Tensor, right: Tensor, scratch: Scratch) -> Tensor:
+    """``left @ right`` into scratch; merge and unmerge both get their delta here. One product for the whole
+    weight: a matrix product of fewer rows may sum in another order (e.g. one row goes to a vector kernel)."""
+    rows, cols = left.shape[0], right.shape[1]
+    return torch.mm(left, right, out=scratch.get("delta", rows * cols, left.dtype, left.device).view(rows, cols))
+
+
+def _beyond_byte(values: Tensor) -> bool:
+    return bool(values.numel()) and (int(values.min()) < -128 or int(values.max()) > 127)
+
+
+def _cat(parts: list[Tensor], dtype: torch.dtype, like: Tensor) -> Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=like.device)
+
+
+def _record(index: Tensor, steps: Tensor, numel: int, codes: Tensor, escape_index: Tensor,
+            escape_bits: Tensor) -> MergeRecord:
+    """Pack the ascending flat ``index`` as per-block counts and 16-bit offsets."""
+    bounds = torch.arange(0, numel + _BLOCK, _BLOCK, device=index.device)
+    counts = torch.searchsorted(index, bounds).diff().to(torch.int32)
+    offsets = ((index & (_BLOCK - 1)) - _BLOCK // 2).to(torch.int16)
+    return MergeRecord(counts, offsets, steps, codes, escape_index, escape_bits)
 
 
 def _dense_codes(k: Tensor, scratch: Scratch) -> Tensor:
@@ -138,28 +202,12 @@ def _dense_codes(k: Tensor, scratch: Scratch) -> Tensor:
     return codes
 
 
-def _sparse(k: Tensor, codes: Tensor, original: Tensor, scratch: Scratch) -> MergeRecord:
-    """The record: ``codes``, plus positions and one-byte values of the non-zero entries of ``k`` (1-d, padded
-    with zeros to ``_PAD``), plus the original bits where a value does not fit a byte."""
-    index = _nonzero(k, _sampled_rate(k), scratch)
-    steps = k[index]
-    escape_index = index[:0]
-    if steps.numel() and (steps.min() < -128 or steps.max() > 127):
-        fits = (steps >= -128) & (steps <= 127)
-        escape_index, index, steps = index[~fits], index[fits], steps[fits]
-    bounds = torch.arange(0, original.numel() + _BLOCK, _BLOCK, device=index.device)
-    counts = torch.searchsorted(index, bounds).diff().to(torch.int32)
-    offsets = ((index & (_BLOCK - 1)) - _BLOCK // 2).to(torch.int16)
-    return MergeRecord(counts, offsets, steps.to(torch.int8), codes, escape_index, original[escape_index])
-
-
 def _add_codes(bits: Tensor, codes: Tensor) -> None:
-    """``bits += k`` for every element, ``k + 1`` read from the dense 2-bit ``codes``."""
+    """``bits += k`` for every element of one block, ``k + 1`` read from its dense 2-bit ``codes``."""
     q = codes.numel()
     for j in range(4):
         part = bits[j * q : (j + 1) * q]
-        k = codes[: part.numel()].bitwise_right_shift(2 * j).bitwise_and_(3).view(torch.int8).sub_(1)
-        part += k
+        part += codes[: part.numel()].bitwise_right_shift(2 * j).bitwise_and_(3).view(torch.int8).sub_(1)
 
 
 def _sampled_rate(values: Tensor) -> float:
@@ -172,9 +220,10 @@ def _nonzero(values: Tensor, rate: float, scratch: Scratch) -> Tensor:
     """Ascending flat positions of the non-zero entries of ``values`` (1-d integers, length a multiple of
     ``_PAD``, about ``rate`` of them non-zero); faster than ``nonzero`` where they are sparse.
 
-    ``nonzero`` costs a few ns per element it scans, a vectorised OR a fraction of one. So where they are sparse,
-    ``F`` equal slices of length ``L`` are ORed together, ``nonzero`` scans only that, and each hit ``p`` is
-    checked at ``p, p + L, …, p + (F-1)L``. ``F ≈ 1/sqrt(4·rate)`` balances the two scans; below 4 it saves
+    ``nonzero`` costs a few ns per element it scans, a vectorised OR a fraction of one. So where they are
+    sparse, ``F`` equal slices of length ``L`` are ORed together (halving ``log2 F`` times), ``nonzero`` scans
+    only that, and each hit ``p``
+    is checked at ``p, p + L, …, p + (F-1)L``. ``F ≈ 1/sqrt(4·rate)`` balances the two scans; below 4 it saves
     nothing. Taking the candidates slice by slice keeps them ascending.
     """
     fold = 1
@@ -183,10 +232,12 @@ def _nonzero(values: Tensor, rate: float, scratch: Scratch) -> Tensor:
     if fold < 4:
         return values.nonzero().squeeze(1)
     length = values.numel() // fold
-    slices = values.view(fold, length)
-    folded = torch.bitwise_or(slices[0], slices[1], out=scratch.get("fold", length, values.dtype, values.device))
-    for part in slices[2:]:
-        folded |= part
+    half = values.numel() // 2
+    folded = torch.bitwise_or(values[:half], values[half:], out=scratch.get("fold", half, values.dtype, values.device))
+    while half > length:  # OR the halves together until `fold` slices lie on each other
+        half //= 2
+        folded[:half] |= folded[half : 2 * half]
+    folded = folded[:length]
     hits = folded.nonzero().squeeze(1)
     candidates = (torch.arange(fold, device=values.device).unsqueeze(1) * length + hits).view(-1)
-    return candidates[values[candidates].nonzero().squeeze(1)]
+    return candidates.index_select(0, values.index_select(0, candidates).nonzero().squeeze(1))

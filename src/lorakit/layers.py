@@ -29,6 +29,7 @@ __all__ = [
     "Embedding",
     "Conv",
     "lora_delta",
+    "lora_factors",
     "register_lora_layer",
     "lora_layer_for",
 ]
@@ -37,31 +38,23 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------------
 # The maths, in one place
 # ----------------------------------------------------------------------------------------------------------------
-def lora_delta(
-    A: Tensor, B: Tensor, scaling: float, weight_shape: Sequence[int], transpose: bool = False,
-    out: Optional[Tensor] = None,
-) -> Tensor:
+def lora_delta(A: Tensor, B: Tensor, scaling: float, weight_shape: Sequence[int], transpose: bool = False) -> Tensor:
     """``scaling · B @ A`` shaped like the base weight.
 
     ``A`` is ``r × in`` (convs: ``r × in × k…``), ``B`` is ``out × r`` (convs: ``out × r × 1…``). ``transpose`` is
-    for weights stored ``in × out`` (GPT-2's Conv1D, embeddings). Computed in at least float32, as one matrix
-    product with the scaling folded into the rank-sized ``B`` (no pass over the full-size result), written into
-    ``out`` (a flat buffer of at least that dtype and size) when given. Merging and unmerging both call this, so
-    they see the same bits.
+    for weights stored ``in × out`` (GPT-2's Conv1D, embeddings). Computed in at least float32.
     """
-    dtype = _delta_dtype(A, B)
+    left, right = lora_factors(A, B, scaling, transpose)
+    return (left @ right).reshape(weight_shape)
+
+
+def lora_factors(A: Tensor, B: Tensor, scaling: float, transpose: bool = False) -> tuple[Tensor, Tensor]:
+    """``(left, right)`` with ``left @ right`` the update as a matrix in the base weight's orientation (rows
+    first), in at least float32; the scaling is folded into the rank-sized factor, so the product needs no pass
+    of its own. :func:`lora_delta` and merging (which multiplies block by block) both start here."""
+    dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
     left, right = B.flatten(1).to(dtype) * scaling, A.flatten(1).to(dtype)
-    if transpose:
-        left, right = right.T, left.T
-    if out is None:
-        return (left @ right).view(weight_shape)
-    shape = (left.shape[0], right.shape[1])
-    return torch.mm(left, right, out=out.view(-1)[: shape[0] * shape[1]].view(shape)).view(weight_shape)
-
-
-def _delta_dtype(A: Tensor, B: Tensor) -> torch.dtype:
-    """The dtype :func:`lora_delta` computes in: the factors' common dtype, at least float32."""
-    return torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+    return (right.T, left.T) if transpose else (left, right)
 
 
 def _kaiming_uniform_(t: Tensor) -> Tensor:
@@ -217,11 +210,10 @@ class LoraLayer(nn.Module):
         return self._factor_params(adapter_name)
 
     # -- the maths --------------------------------------------------------------------------------------------------
-    def delta_weight(self, adapter_name: str, out: Optional[Tensor] = None) -> Tensor:
-        """``scaling · B @ A`` shaped (and oriented) like the base weight, in at least float32 (into ``out``, a
-        flat buffer, when given)."""
+    def delta_weight(self, adapter_name: str) -> Tensor:
+        """``scaling · B @ A`` shaped (and oriented) like the base weight, in at least float32."""
         A, B = self.factors(adapter_name)
-        return lora_delta(A, B, self.scaling[adapter_name], self.base_layer.weight.shape, self.transpose_delta, out)
+        return lora_delta(A, B, self.scaling[adapter_name], self.base_layer.weight.shape, self.transpose_delta)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -361,7 +353,7 @@ class LoraLayer(nn.Module):
             self._own_weight_of = shared
         scratch = scratch or Scratch()
         for name in names:
-            self._fixups[name] = merge_exact(self.base_layer.weight.data, self._scratch_delta(name, scratch), scratch)
+            self._fixups[name] = merge_exact(self.base_layer.weight.data, *self._merge_factors(name), scratch)
             self.merged_adapters.append(name)
         self._refresh()
 
@@ -370,19 +362,17 @@ class LoraLayer(nn.Module):
         scratch = scratch or Scratch()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight = self.base_layer.weight.data
-            unmerge_exact(weight, self._scratch_delta(name, scratch), self._fixups.pop(name), scratch)
+            unmerge_exact(self.base_layer.weight.data, *self._merge_factors(name), self._fixups.pop(name), scratch)
         if self._own_weight_of is not None:
             self.base_layer.weight = self._own_weight_of
             self._own_weight_of = None
         self._refresh()
 
-    def _scratch_delta(self, adapter_name: str, scratch: Scratch) -> Tensor:
-        """:meth:`delta_weight` written into ``scratch`` (merge and unmerge both take it from here)."""
-        weight = self.base_layer.weight
-        dtype = _delta_dtype(*self.factors(adapter_name))
+    def _merge_factors(self, adapter_name: str) -> tuple[Tensor, Tensor]:
+        """:func:`lora_factors` of one adapter, for merge and unmerge."""
+        A, B = self.factors(adapter_name)
         with torch.no_grad():
-            return self.delta_weight(adapter_name, out=scratch.get("delta", weight.numel(), dtype, weight.device))
+            return lora_factors(A.detach(), B.detach(), self.scaling[adapter_name], self.transpose_delta)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.adapter_names)
@@ -538,9 +528,9 @@ class Conv(LoraLayer):
                 "update is a dense conv and does not fit a grouped weight; keep the adapter unmerged"
             )
 
-    def delta_weight(self, adapter_name: str, out: Optional[Tensor] = None) -> Tensor:
+    def delta_weight(self, adapter_name: str) -> Tensor:
         self.check_mergeable()
-        return super().delta_weight(adapter_name, out)
+        return super().delta_weight(adapter_name)
 
     def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
         A = self.lora_A[adapter_name]
