@@ -92,24 +92,18 @@ def merge_exact(weight: Tensor, left: Tensor, right: Tensor, scratch: Optional[S
         full_delta = _delta(left, right, scratch)
         for start, rows in _blocks(matrix):
             w, delta = matrix[start : start + rows], full_delta[start : start + rows]
-            n = w.numel()
-            merged = torch.add(w, delta, out=scratch.get("merged", n, w.dtype, w.device).view(w.shape))
-            k = scratch.get("k", -(-n // _PAD) * _PAD, ints, w.device)
-            back = k[:n].view(w.dtype).view(w.shape)
-            torch.sub(merged, delta, out=back)
-            torch.sub(w.view(ints), back.view(ints), out=back.view(ints))
-            k[n:].zero_()
+            merged, k = _merged_and_k(w, delta, scratch)
             if dense is None:  # decided once per weight, from its first block
                 dense = _sampled_rate(k) > _DENSE_RATE
             if dense:
                 codes.append(_dense_codes(k, scratch))
             at = _nonzero(k, _sampled_rate(k), scratch)
             values = k.index_select(0, at)
-            fits = (values >= -128) & (values <= 127) if _beyond_byte(values) else None
-            if fits is not None:
-                escape_index.append(at[~fits] + start * w.shape[1])
-                escape_bits.append(w.view(ints).reshape(-1).index_select(0, at[~fits]))
-                at, values = at[fits], values[fits]
+            if _beyond_byte(values):
+                beyond = (values < -128) | (values > 127)
+                escape_index.append(at[beyond] + start * w.shape[1])
+                escape_bits.append(w.view(ints).reshape(-1).index_select(0, at[beyond]))
+                at, values = at[~beyond], values[~beyond]
             index.append(at + start * w.shape[1])
             steps.append(values.to(torch.int8))
             w.copy_(merged)
@@ -118,6 +112,19 @@ def merge_exact(weight: Tensor, left: Tensor, right: Tensor, scratch: Optional[S
     return _record(_cat(index, torch.int64, weight), _cat(steps, torch.int8, weight), weight.numel(),
                    _cat(codes, torch.uint8, weight), _cat(escape_index, torch.int64, weight),
                    _cat(escape_bits, ints, weight))
+
+
+def _merged_and_k(w: Tensor, delta: Tensor, scratch: Scratch) -> tuple[Tensor, Tensor]:
+    """``w + delta`` as the weight's dtype rounds it, and ``k``: ``w``'s bits minus those of ``(w + delta) − delta``
+    as integers, flat and padded with zeros to a multiple of ``_PAD`` (both in scratch)."""
+    n, ints = w.numel(), _INT[w.element_size()]
+    merged = torch.add(w, delta, out=scratch.get("merged", n, w.dtype, w.device).view(w.shape))
+    k = scratch.get("k", -(-n // _PAD) * _PAD, ints, w.device)
+    back = k[:n].view(w.dtype).view(w.shape)
+    torch.sub(merged, delta, out=back)
+    torch.sub(w.view(ints), back.view(ints), out=back.view(ints))
+    k[n:].zero_()
+    return merged, k
 
 
 def unmerge_exact(weight: Tensor, left: Tensor, right: Tensor, record: MergeRecord,
@@ -150,11 +157,11 @@ def _as_matrix(weight: Tensor, left: Tensor, right: Tensor) -> Tensor:
         raise ValueError(f"cannot merge into a weight of dtype {weight.dtype}: only floating-point weights")
     if weight.device.type == "meta":
         raise ValueError("cannot merge into a weight on the meta device: it holds no values")
-    rows, cols = left.shape[0], right.shape[1]
-    if left.dim() != 2 or right.dim() != 2 or left.shape[1] != right.shape[0] or weight.numel() != rows * cols:
+    if left.dim() != 2 or right.dim() != 2 or left.shape[1] != right.shape[0] or (
+            weight.numel() != left.shape[0] * right.shape[1]):
         raise ValueError(f"the product of factors {tuple(left.shape)} and {tuple(right.shape)} does not fit a "
                          f"weight of shape {tuple(weight.shape)}")
-    return weight.contiguous().view(rows, cols)
+    return weight.contiguous().view(left.shape[0], right.shape[1])
 
 
 def _blocks(matrix: Tensor) -> list[tuple[int, int]]:
@@ -172,6 +179,7 @@ def _delta(left: Tensor, right: Tensor, scratch: Scratch) -> Tensor:
 
 
 def _beyond_byte(values: Tensor) -> bool:
+    """Whether any of ``values`` falls outside int8 (one pass for the usual answer, no)."""
     return bool(values.numel()) and (int(values.min()) < -128 or int(values.max()) > 127)
 
 

@@ -4,8 +4,9 @@ Every adapted layer keeps the user's layer untouched as ``base_layer`` and adds,
 pair ``lora_A``/``lora_B`` (``lora_embedding_A``/``lora_embedding_B`` for embeddings), a ``scaling`` and a
 dropout, with PEFT's attribute names so state dicts and user code written for PEFT keep working.
 
-The update ``s·B@A`` as a weight is computed by one function, :func:`lora_delta`; forward checks, merge, unmerge
-and export all use it. Merging is exact in both directions: see :mod:`lorakit.exact_merge`.
+The update ``s·B@A`` as a weight is computed from one pair of factors, :func:`lora_factors`: :func:`lora_delta`
+multiplies them out (forward checks, export), merge and unmerge pass them to :mod:`lorakit.exact_merge`, which
+folds the product in exactly reversibly.
 """
 
 from __future__ import annotations
