@@ -74,10 +74,10 @@ def test_merge_adds_like_peft_and_unmerge_restores_bits_over_many_cycles(dtype, 
     for cycle, ratio in enumerate([1.0, 0.1, 0.01, 1e-3, 3.0, 0.16, 1.0, 1e-4, 0.5, 0.05]):
         left, right = factors(shape, ratio, seed=cycle, spikes=cycle % 3)
         delta = delta_of(left, right, shape)
-        record = merge_exact(W, left, right, scratch)
+        record = merge_exact(W, left, right, 1.0, scratch)
         assert torch.equal(bits(W), bits(added(original, delta))), cycle
         assert torch.equal(bits(W), bits(original.clone().add_(delta))), cycle  # literally PEFT's `W += Δ`
-        unmerge_exact(W, left, right, record, scratch)
+        unmerge_exact(W, left, right, 1.0, record, scratch)
         assert torch.equal(bits(W), bits(original)), cycle
     assert W.data_ptr() == storage  # in place
 
@@ -92,7 +92,7 @@ def test_the_same_adapter_merged_and_unmerged_many_times_stays_exact(dtype):
         record = merge_exact(W, left, right)
         merged = W.clone() if merged is None else merged
         assert torch.equal(bits(W), bits(merged))
-        unmerge_exact(W, left, right, record)
+        unmerge_exact(W, left, right, 1.0, record)
         assert torch.equal(bits(W), bits(original))
 
 
@@ -108,7 +108,7 @@ def test_several_deltas_merged_then_unmerged_in_reverse(dtype):
         expected = added(expected, delta_of(left, right, shape))
         assert torch.equal(bits(W), bits(expected))
     for (left, right), record in reversed(list(zip(pairs, records))):
-        unmerge_exact(W, left, right, record)
+        unmerge_exact(W, left, right, 1.0, record)
     assert torch.equal(bits(W), bits(original))
 
 
@@ -143,6 +143,25 @@ def test_record_holds_exactly_the_elements_a_plain_subtraction_gets_wrong(dtype,
         assert record.nbytes < 3 * wrong.numel()
 
 
+@pytest.mark.parametrize("scaling", [2.0, 0.25, 1.5, -3.0, 1 / 3])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_factors_multiply_out_to_lora_delta_bit_for_bit(scaling, transpose):
+    from lorakit.layers import lora_delta, lora_factors
+
+    g = torch.Generator().manual_seed(7)
+    A, B = torch.randn(8, 300, generator=g), torch.randn(200, 8, generator=g)
+    shape = (300, 200) if transpose else (200, 300)
+    left, right, scale = lora_factors(A, B, scaling, transpose)
+    assert (scale == 1.0) == (scaling in (2.0, 0.25))  # powers of two are folded into B
+    assert torch.equal((left @ right).mul_(scale), lora_delta(A, B, scaling, shape, transpose))
+    W = weights(shape, torch.bfloat16, seed=7, scale=1.0)
+    original = W.clone()
+    record = merge_exact(W, left, right, scale)
+    assert torch.equal(bits(W), bits(added(original, lora_delta(A, B, scaling, shape, transpose))))
+    unmerge_exact(W, left, right, scale, record)
+    assert torch.equal(bits(W), bits(original))
+
+
 def test_record_is_small_for_small_updates():
     shape = (1408, 512)
     for dtype, limit in [(torch.float32, 0.01), (torch.bfloat16, 0.01)]:
@@ -159,7 +178,7 @@ def test_non_contiguous_weight_is_merged_in_place():
     left, right = factors(W.shape, 1.0, seed=5)
     record = merge_exact(W, left, right)
     assert torch.equal(bits(base.T.contiguous()), bits(added(original, delta_of(left, right, W.shape))))
-    unmerge_exact(W, left, right, record)
+    unmerge_exact(W, left, right, 1.0, record)
     assert torch.equal(bits(base.T.contiguous()), bits(original))
 
 
@@ -171,7 +190,7 @@ def test_blocks_follow_the_work_block_size(monkeypatch):
         left, right = factors(shape, 1.0, seed=6)
         record = merge_exact(W, left, right)
         assert torch.equal(bits(W), bits(added(original, delta_of(left, right, shape))))
-        unmerge_exact(W, left, right, record)
+        unmerge_exact(W, left, right, 1.0, record)
         assert torch.equal(bits(W), bits(original))
 
 
@@ -185,19 +204,21 @@ def test_bad_inputs_name_the_problem():
         merge_exact(torch.zeros(3, 5), left, right)
 
 
+@pytest.mark.parametrize("alpha", [8, 6])  # scaling 2 (folded into B) and 1.5 (applied after the product)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("make, targets", [
     (lambda: __import__("conftest").tiny_llama(), ["q_proj", "down_proj"]),
     (lambda: __import__("conftest").tiny_gpt2(), ["c_attn", "c_fc"]),  # Conv1D: weights stored in × out
 ])
-def test_merged_model_weights_equal_peft_merged_weights_bit_for_bit(make, targets, dtype):
-    """Scaling 2 (a power of two, so ``(B·s)@A`` and PEFT's ``(B@A)·s`` are the same numbers): after merging,
-    every base weight is exactly PEFT's; after unmerging, exactly the original (PEFT's drifts). Not embeddings:
-    PEFT rounds their Δ to the weight's dtype before adding (two roundings); lorakit rounds the sum once."""
+def test_merged_model_weights_equal_peft_merged_weights_bit_for_bit(make, targets, dtype, alpha):
+    """After merging, every base weight is exactly PEFT's; after unmerging, exactly the original (PEFT's drifts).
+    Not embeddings: PEFT rounds their Δ to the weight's dtype before adding (two roundings); lorakit rounds the
+    sum once."""
     from conftest import lorakit_and_peft
 
     base = make().to(dtype)
-    ours, theirs = lorakit_and_peft(base, dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    ours, theirs = lorakit_and_peft(base, dict(r=4, lora_alpha=alpha, target_modules=targets,
+                                               init_lora_weights=False))
     with torch.no_grad():
         for name, p in theirs.named_parameters():
             if "lora_B" in name or "lora_embedding_B" in name:

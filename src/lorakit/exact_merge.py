@@ -77,8 +77,10 @@ class Scratch:
         return buf[:numel]
 
 
-def merge_exact(weight: Tensor, left: Tensor, right: Tensor, scratch: Optional[Scratch] = None) -> MergeRecord:
-    """``weight += left @ right`` in place, rounded as PEFT rounds it; returns what :func:`unmerge_exact` needs.
+def merge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float = 1.0,
+                scratch: Optional[Scratch] = None) -> MergeRecord:
+    """``weight += (left @ right) · scale`` in place, rounded as PEFT rounds it; returns what
+    :func:`unmerge_exact` needs.
 
     ``weight`` is read as a ``left.shape[0] × right.shape[1]`` matrix (row-major); the product is computed in
     the factors' dtype.
@@ -89,7 +91,7 @@ def merge_exact(weight: Tensor, left: Tensor, right: Tensor, scratch: Optional[S
     dense: Optional[bool] = None
     codes, index, steps, escape_index, escape_bits = [], [], [], [], []
     with torch.no_grad():
-        full_delta = _delta(left, right, scratch)
+        full_delta = _delta(left, right, scale, scratch)
         for start, rows in _blocks(matrix):
             w, delta = matrix[start : start + rows], full_delta[start : start + rows]
             merged, k = _merged_and_k(w, delta, scratch)
@@ -127,15 +129,15 @@ def _merged_and_k(w: Tensor, delta: Tensor, scratch: Scratch) -> tuple[Tensor, T
     return merged, k
 
 
-def unmerge_exact(weight: Tensor, left: Tensor, right: Tensor, record: MergeRecord,
+def unmerge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float, record: MergeRecord,
                   scratch: Optional[Scratch] = None) -> None:
-    """Undo :func:`merge_exact` in place (same ``left`` and ``right``): subtract, then add back every ``k``."""
+    """Undo :func:`merge_exact` in place (same factors and scale): subtract, then add back every ``k``."""
     matrix = _as_matrix(weight, left, right)
     scratch = scratch or Scratch()
     ints = _INT[weight.element_size()]
     codes = record.codes
     with torch.no_grad():
-        delta = _delta(left, right, scratch)
+        delta = _delta(left, right, scale, scratch)
         for start, rows in _blocks(matrix):
             w = matrix[start : start + rows]
             w.sub_(delta[start : start + rows])
@@ -171,11 +173,12 @@ def _blocks(matrix: Tensor) -> list[tuple[int, int]]:
     return [(start, min(step, rows - start)) for start in range(0, rows, step)]
 
 
-def _delta(left: Tensor, right: Tensor, scratch: Scratch) -> Tensor:
-    """``left @ right`` into scratch; merge and unmerge both get their delta here. One product for the whole
-    weight: a matrix product of fewer rows may sum in another order (e.g. one row goes to a vector kernel)."""
+def _delta(left: Tensor, right: Tensor, scale: float, scratch: Scratch) -> Tensor:
+    """``(left @ right) · scale`` into scratch; merge and unmerge both get their delta here. One product for the
+    whole weight: a matrix product of fewer rows may sum in another order (e.g. one row goes to a vector kernel)."""
     rows, cols = left.shape[0], right.shape[1]
-    return torch.mm(left, right, out=scratch.get("delta", rows * cols, left.dtype, left.device).view(rows, cols))
+    delta = torch.mm(left, right, out=scratch.get("delta", rows * cols, left.dtype, left.device).view(rows, cols))
+    return delta.mul_(scale) if scale != 1 else delta
 
 
 def _beyond_byte(values: Tensor) -> bool:

@@ -4,9 +4,9 @@ Every adapted layer keeps the user's layer untouched as ``base_layer`` and adds,
 pair ``lora_A``/``lora_B`` (``lora_embedding_A``/``lora_embedding_B`` for embeddings), a ``scaling`` and a
 dropout, with PEFT's attribute names so state dicts and user code written for PEFT keep working.
 
-The update ``s·B@A`` as a weight is computed from one pair of factors, :func:`lora_factors`: :func:`lora_delta`
-multiplies them out (forward checks, export), merge and unmerge pass them to :mod:`lorakit.exact_merge`, which
-folds the product in exactly reversibly.
+The update ``s·B@A`` as a weight is computed by :func:`lora_delta` (forward checks, export), exactly as PEFT
+computes it; merge and unmerge take it in factored form (:func:`lora_factors`, the same bits) and fold it in
+exactly reversibly with :mod:`lorakit.exact_merge`.
 """
 
 from __future__ import annotations
@@ -45,17 +45,23 @@ def lora_delta(A: Tensor, B: Tensor, scaling: float, weight_shape: Sequence[int]
     ``A`` is ``r × in`` (convs: ``r × in × k…``), ``B`` is ``out × r`` (convs: ``out × r × 1…``). ``transpose`` is
     for weights stored ``in × out`` (GPT-2's Conv1D, embeddings). Computed in at least float32.
     """
-    left, right = lora_factors(A, B, scaling, transpose)
-    return (left @ right).reshape(weight_shape)
-
-
-def lora_factors(A: Tensor, B: Tensor, scaling: float, transpose: bool = False) -> tuple[Tensor, Tensor]:
-    """``(left, right)`` with ``left @ right`` the update as a matrix in the base weight's orientation (rows
-    first), in at least float32; the scaling is folded into the rank-sized factor, so the product needs no pass
-    of its own. :func:`lora_delta` and merging (which multiplies block by block) both start here."""
     dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
-    left, right = B.flatten(1).to(dtype) * scaling, A.flatten(1).to(dtype)
-    return (right.T, left.T) if transpose else (left, right)
+    delta = B.flatten(1).to(dtype) @ A.flatten(1).to(dtype)
+    if transpose:
+        delta = delta.T
+    return delta.mul_(scaling).reshape(weight_shape)
+
+
+def lora_factors(A: Tensor, B: Tensor, scaling: float, transpose: bool = False) -> tuple[Tensor, Tensor, float]:
+    """``(left, right, scale)`` with ``(left @ right) · scale`` the update as a matrix in the base weight's
+    orientation (rows first), in at least float32: what merging multiplies out. A power-of-two scaling is folded
+    into the rank-sized ``B`` (the same bits as :func:`lora_delta`'s ``(B @ A) · s``, without a pass over the
+    full-size product); any other stays a separate factor, so the bits stay PEFT's."""
+    dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+    left, right = B.flatten(1).to(dtype), A.flatten(1).to(dtype)
+    if scaling != 0 and math.frexp(scaling)[0] == 0.5:  # ±2^k
+        left, scaling = left * scaling, 1.0
+    return (right.T, left.T, scaling) if transpose else (left, right, scaling)
 
 
 def _kaiming_uniform_(t: Tensor) -> Tensor:
@@ -369,7 +375,7 @@ class LoraLayer(nn.Module):
             self._own_weight_of = None
         self._refresh()
 
-    def _merge_factors(self, adapter_name: str) -> tuple[Tensor, Tensor]:
+    def _merge_factors(self, adapter_name: str) -> tuple[Tensor, Tensor, float]:
         """:func:`lora_factors` of one adapter, for merge and unmerge."""
         A, B = self.factors(adapter_name)
         with torch.no_grad():
