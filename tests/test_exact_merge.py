@@ -1,5 +1,5 @@
 """lorakit.exact_merge: merging gives exactly PEFT's ``W += Δ``; unmerging gives back W bit for bit, whatever the
-values (±0.0, subnormals, binade edges, |W| ≪ |Δ|), sizes (several 65536-element blocks and work blocks) and
+values (±0.0, subnormals, binade edges, |W| ≪ |Δ|), sizes (several 65536-element blocks) and
 dtypes; the record lists exactly the elements that a plain subtraction would get wrong."""
 
 import math
@@ -7,12 +7,11 @@ import math
 import pytest
 import torch
 
-import lorakit.exact_merge as em
 from lorakit.exact_merge import Scratch, merge_exact, unmerge_exact
 
 INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-SHAPES = [(1, 5), (64, 48), (700, 600), (3, 100_003)]  # the last two: several 65536-blocks and work blocks
+SHAPES = [(1, 5), (64, 48), (700, 600), (3, 100_003)]  # the last two: several 65536-element blocks
 
 
 def bits(t):
@@ -112,7 +111,7 @@ def test_several_deltas_merged_then_unmerged_in_reverse(dtype):
     assert torch.equal(bits(W), bits(original))
 
 
-@pytest.mark.parametrize("ratio", [0.01, 1.0])  # sparse only / dense layer underneath
+@pytest.mark.parametrize("ratio", [0.01, 1.0])  # few / many elements that do not come back
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_record_holds_exactly_the_elements_a_plain_subtraction_gets_wrong(dtype, ratio):
     shape = (700, 600)
@@ -124,23 +123,13 @@ def test_record_holds_exactly_the_elements_a_plain_subtraction_gets_wrong(dtype,
     wrong = k.nonzero().squeeze(1)
     assert wrong.numel() > 100
     record = merge_exact(W.clone(), left, right)
-    n = W.numel()
     escapes = record.escape_index
     assert torch.equal(record.escape_bits, bits(W).view(-1)[escapes])
-    assert escapes.numel() > 0 and bool((k[escapes].abs() >= 127).all())  # the spiked rows
-    if ratio < 0.1:  # sparse: exactly the wrong elements, each with its k, 3 bytes each
-        assert record.codes.numel() == 0
-        assert torch.equal(torch.cat([record.flat_index(), escapes]).sort().values, wrong)
-        assert torch.equal(record.steps.long(), k[record.flat_index()])
-        blocks = -(-n // 65536)
-        assert record.nbytes == 3 * record.steps.numel() + 4 * blocks + escapes.numel() * (8 + W.element_size())
-    else:  # 2 bits per element, plus what they do not cover: smaller than 3 bytes per wrong element
-        assert record.codes.numel() >= n / 4
-        decoded = torch.zeros(n, dtype=torch.long)
-        decoded[record.flat_index()] = record.steps.long()
-        covered = (k >= -1) & (k <= 2)
-        assert torch.equal(decoded[covered], torch.zeros_like(decoded[covered]))
-        assert record.nbytes < 3 * wrong.numel()
+    assert escapes.numel() > 0 and bool((k[escapes].abs() > 127).all())  # the spiked rows
+    assert torch.equal(torch.cat([record.flat_index(), escapes]).sort().values, wrong)
+    assert torch.equal(record.steps.long(), k[record.flat_index()])
+    blocks = -(-W.numel() // 65536)
+    assert record.nbytes == 3 * record.steps.numel() + 4 * blocks + escapes.numel() * (8 + W.element_size())
 
 
 @pytest.mark.parametrize("scaling", [2.0, 0.25, 1.5, -3.0, 1 / 3])
@@ -180,18 +169,6 @@ def test_non_contiguous_weight_is_merged_in_place():
     assert torch.equal(bits(base.T.contiguous()), bits(added(original, delta_of(left, right, W.shape))))
     unmerge_exact(W, left, right, 1.0, record)
     assert torch.equal(bits(base.T.contiguous()), bits(original))
-
-
-def test_blocks_follow_the_work_block_size(monkeypatch):
-    monkeypatch.setattr(em, "_CHUNK", 1000)  # many small blocks, rows of several lengths
-    for shape in [(97, 31), (5, 2500)]:
-        W = weights(shape, torch.float16, seed=6)
-        original = W.clone()
-        left, right = factors(shape, 1.0, seed=6)
-        record = merge_exact(W, left, right)
-        assert torch.equal(bits(W), bits(added(original, delta_of(left, right, shape))))
-        unmerge_exact(W, left, right, 1.0, record)
-        assert torch.equal(bits(W), bits(original))
 
 
 def test_bad_inputs_name_the_problem():
