@@ -410,14 +410,15 @@ def _roundtrip_errors(model: nn.Module, cycles: int) -> list[Stats]:
 
 
 def _exactness_record(model: nn.Module, b_std: float) -> tuple[Stats, float]:
-    """What lorakit keeps while merged to unmerge exactly (each layer's ``_fixups``: the elements that would not
-    round-trip), in bytes over the merged weights' bytes; and the update's size ``‖ΔW‖/‖W‖`` it depends on."""
+    """What lorakit keeps while merged to unmerge exactly (each layer's ``_fixups``: a ``MergeRecord`` of the
+    elements that would not round-trip), in bytes over the merged weights' bytes; and the update's size
+    ``‖ΔW‖/‖W‖`` it depends on."""
     w.randomize_lora(model, b_std=b_std)
     layers = [layer for _, layer in model.base_model.lora_layers()]
     delta = sum(layer.delta_weight("a0").float().norm() ** 2 for layer in layers) ** 0.5
     weight = sum(layer.base_layer.weight.float().norm() ** 2 for layer in layers) ** 0.5
     model.merge_adapter()
-    kept = sum(t.nbytes for layer in layers for fix in layer._fixups.values() for t in fix)
+    kept = sum(record.nbytes for layer in layers for record in layer._fixups.values())
     total = sum(layer.base_layer.weight.nbytes for layer in layers)
     return Stats.of([kept / total], "percent"), float(delta / weight)
 

@@ -4,8 +4,9 @@ Every adapted layer keeps the user's layer untouched as ``base_layer`` and adds,
 pair ``lora_A``/``lora_B`` (``lora_embedding_A``/``lora_embedding_B`` for embeddings), a ``scaling`` and a
 dropout, with PEFT's attribute names so state dicts and user code written for PEFT keep working.
 
-The update ``s·B@A`` as a weight is computed by one function, :func:`lora_delta`; forward checks, merge, unmerge
-and export all use it. Merging is exact in both directions: see :func:`merge_weight`.
+The update ``s·B@A`` as a weight is computed by :func:`lora_delta` (forward checks, export), exactly as PEFT
+computes it; merge and unmerge take it in factored form (:func:`lora_factors`, the same bits) and fold it in
+exactly reversibly with :mod:`lorakit.exact_merge`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .exact_merge import Scratch, merge_exact, unmerge_exact
+from .kernels import add_dropped_lora, add_lora, add_lora_rows
+
 try:  # the global hooks that Module.__call__ checks (see Linear.forward)
     from torch.nn.modules.module import (
         _global_backward_hooks,
@@ -32,16 +36,13 @@ except ImportError:  # a torch that keeps them elsewhere: assume there are hooks
     _global_forward_hooks = _global_forward_pre_hooks = _global_backward_hooks = _global_backward_pre_hooks = {0: 0}
 _LINEAR_FORWARD = nn.Linear.forward
 
-from .kernels import add_dropped_lora, add_lora, add_lora_rows
-
 __all__ = [
     "LoraLayer",
     "Linear",
     "Embedding",
     "Conv",
     "lora_delta",
-    "merge_weight",
-    "unmerge_weight",
+    "lora_factors",
     "register_lora_layer",
     "lora_layer_for",
 ]
@@ -63,46 +64,16 @@ def lora_delta(A: Tensor, B: Tensor, scaling: float, weight_shape: Sequence[int]
     return delta.mul_(scaling).reshape(weight_shape)
 
 
-_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-def _shifted(weight: Tensor, delta: Tensor, sign: float) -> Tensor:
-    """``weight + sign·delta`` computed in at least float32 and rounded once to the weight's dtype (a new tensor).
-
-    The delta is a materialised tensor on purpose: a fused ``addmm_`` accumulates it in several roundings,
-    and then the subtraction no longer mirrors the addition.
-    """
-    return torch.add(weight, delta, alpha=sign).to(weight.dtype)  # type promotion computes in the wider dtype
-
-
-def merge_weight(weight: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
-    """Add ``delta`` to ``weight`` in place, rounding once, and return what exact unmerging needs.
-
-    Rounding ``W + Δ`` to the weight's dtype loses bits, so ``(W + Δ) − Δ`` is not always ``W`` again (PEFT's
-    bf16 drift). Most elements do come back; the others (mostly where ``|Δ|`` rivals ``|W|`` or the sum changes
-    binade) are recorded here as (flat index, original value), so :func:`unmerge_weight`, which repeats exactly
-    the subtraction checked here, restores ``W`` bit for bit. Their number grows with ``|Δ|/|W|``.
-    """
-    with torch.no_grad():
-        merged = _shifted(weight, delta, 1.0)
-        back = _shifted(merged, delta, -1.0)
-        bits = _BITS.get(weight.dtype)
-        wrong = back.view(bits) != weight.view(bits) if bits is not None else back != weight
-        index = wrong.view(-1).nonzero().squeeze(1)
-        if weight.numel() < 2**31:
-            index = index.to(torch.int32)
-        original = weight.reshape(-1)[index.long()].clone()
-        weight.copy_(merged)
-    return index, original
-
-
-def unmerge_weight(weight: Tensor, delta: Tensor, fixups: tuple[Tensor, Tensor]) -> None:
-    """Undo :func:`merge_weight` in place: subtract ``delta`` and put back the recorded elements."""
-    index, original = fixups
-    with torch.no_grad():
-        back = _shifted(weight, delta, -1.0)
-        back.view(-1)[index.long()] = original
-        weight.copy_(back)
+def lora_factors(A: Tensor, B: Tensor, scaling: float, transpose: bool = False) -> tuple[Tensor, Tensor, float]:
+    """``(left, right, scale)`` with ``(left @ right) · scale`` the update as a matrix in the base weight's
+    orientation (rows first), in at least float32: what merging multiplies out. A power-of-two scaling is folded
+    into the rank-sized ``B`` (the same bits as :func:`lora_delta`'s ``(B @ A) · s``, without a pass over the
+    full-size product); any other stays a separate factor, so the bits stay PEFT's."""
+    dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+    left, right = B.flatten(1).to(dtype), A.flatten(1).to(dtype)
+    if scaling != 0 and math.frexp(scaling)[0] == 0.5:  # ±2^k
+        left, scaling = left * scaling, 1.0
+    return (right.T, left.T, scaling) if transpose else (left, right, scaling)
 
 
 def _kaiming_uniform_(t: Tensor) -> Tensor:
@@ -238,7 +209,7 @@ class LoraLayer(nn.Module):
             active_adapters=[],
             merged_adapters=[],
             disable_adapters=False,
-            _fixups={},
+            _fixups={},  # per merged adapter, the MergeRecord that makes unmerging exact
             _own_weight_of=None,  # the shared weight we copied away from on merge
             _live=(),  # adapters the forward adds: active, present, unmerged, not disabled
             _rows=None,  # set for the length of one mixed-batch call
@@ -456,12 +427,14 @@ class LoraLayer(nn.Module):
                     "weight; nothing was merged"
                 )
 
-    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False, own_weight: bool = False):
-        """Fold adapters (default: the active ones) into the base weight, exactly reversibly (:func:`merge_weight`).
+    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False, own_weight: bool = False,
+              scratch: Optional[Scratch] = None):
+        """Fold adapters (default: the active ones) into the base weight, exactly reversibly
+        (:func:`~lorakit.exact_merge.merge_exact`).
 
         Adapters already merged are skipped. ``own_weight``: the base weight is shared with another module (tied
         embeddings), so merge into a private copy and leave the shared one alone. ``safe_merge`` checks for
-        non-finite results before the weight is touched.
+        non-finite results before the weight is touched. ``scratch``: work buffers to reuse across layers.
         """
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         names = [n for n in names if n in self.r and n not in self.merged_adapters]
@@ -474,20 +447,28 @@ class LoraLayer(nn.Module):
             shared = self.base_layer.weight
             self.base_layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
             self._own_weight_of = shared
+        scratch = scratch or Scratch()
         for name in names:
-            self._fixups[name] = merge_weight(self.base_layer.weight.data, self.delta_weight(name))
+            self._fixups[name] = merge_exact(self.base_layer.weight.data, *self._merge_factors(name), scratch)
             self.merged_adapters.append(name)
         self._refresh()
 
-    def unmerge(self) -> None:
+    def unmerge(self, scratch: Optional[Scratch] = None) -> None:
         """Subtract every merged adapter, last merged first, restoring the original weight bit for bit."""
+        scratch = scratch or Scratch()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            unmerge_weight(self.base_layer.weight.data, self.delta_weight(name), self._fixups.pop(name))
+            unmerge_exact(self.base_layer.weight.data, *self._merge_factors(name), self._fixups.pop(name), scratch)
         if self._own_weight_of is not None:
             self.base_layer.weight = self._own_weight_of
             self._own_weight_of = None
         self._refresh()
+
+    def _merge_factors(self, adapter_name: str) -> tuple[Tensor, Tensor, float]:
+        """:func:`lora_factors` of one adapter, for merge and unmerge."""
+        A, B = self.factors(adapter_name)
+        with torch.no_grad():
+            return lora_factors(A.detach(), B.detach(), self.scaling[adapter_name], self.transpose_delta)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.adapter_names)

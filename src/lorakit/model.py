@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import LoraConfig
+from .exact_merge import Scratch
 from .layers import LoraLayer, RowAdapters, lora_layer_for
 from .modules_to_save import ModulesToSaveWrapper
 from .targeting import inside_any, list_entry_matches, select_targets
@@ -445,8 +446,9 @@ class LoraModel(nn.Module):
             for layer in layers:
                 layer.check_finite_merge([n for n in names if n in layer.r])
         shared = self._shared_weights()
+        scratch = Scratch()  # work buffers shared by all layers
         for layer in layers:
-            layer.merge(names, own_weight=id(layer.base_layer.weight) in shared)
+            layer.merge(names, own_weight=id(layer.base_layer.weight) in shared, scratch=scratch)
 
     def _shared_weights(self) -> set[int]:
         counts = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
@@ -454,8 +456,9 @@ class LoraModel(nn.Module):
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter back out; the base weights come back bit for bit."""
+        scratch = Scratch()  # work buffers shared by all layers
         for _, layer in self.lora_layers():
-            layer.unmerge()
+            layer.unmerge(scratch)
 
     def _unwrap(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         if merge:

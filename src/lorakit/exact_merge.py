@@ -1,0 +1,141 @@
+"""Fold a low-rank delta into a weight so that it can be taken out again bit for bit.
+
+Adding ``Δ = left @ right`` to a weight rounds, so ``(W + Δ) − Δ`` is not always ``W`` again (PEFT's drift
+after a merge → unmerge cycle, large in bf16/fp16). :func:`merge_exact` adds ``Δ`` exactly as PEFT's ``W += Δ``
+does (computed in the wider of the two dtypes, rounded once to the weight's dtype), finds the elements that the
+subtraction would not bring back, and returns a small :class:`MergeRecord` of them; :func:`unmerge_exact`
+subtracts the same ``Δ`` and applies the record. Both compute ``Δ`` by one and the same matrix product, so they
+see the same bits (and PEFT's).
+
+What is recorded per such element is ``k``: the original bit pattern minus the subtracted one, as integers
+(exact, wrapping; almost always ±1 to ±3 units in the last place), as one byte, with its position as a 16-bit
+offset inside its block of 65536 elements (plus one count per block): 3 bytes per element, against 6 (bf16) or
+8 (fp32) for a plain index and value. Where ``k`` does not fit a byte (``|W| ≪ |Δ|``, rare) the position and
+the original bits are kept instead ("escapes"). How many elements need a record grows with ``|Δ|/|W|``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["MergeRecord", "Scratch", "merge_exact", "unmerge_exact"]
+
+_BLOCK = 1 << 16  # positions are 16-bit offsets inside blocks of this many elements
+_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-size integer view of each float
+
+
+@dataclass(frozen=True)
+class MergeRecord:
+    """The elements of a weight that ``(W + Δ) − Δ`` does not bring back, and how to fix each (see the module
+    docstring). Unmerging adds ``steps`` at their positions, then writes the escapes."""
+
+    counts: Tensor  #: int32, per block of 65536 elements, how many of ``offsets`` fall into it
+    offsets: Tensor  #: int16, position inside the block minus 32768, ascending
+    steps: Tensor  #: int8, ``k``
+    escape_index: Tensor  #: int64 flat positions whose ``k`` does not fit a byte
+    escape_bits: Tensor  #: their original bit patterns (the weight's same-size integer type)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: what being merged costs in memory on top of the merged weight."""
+        return sum(getattr(self, f.name).nbytes for f in fields(self))
+
+    def flat_index(self) -> Tensor:
+        """The int64 flat positions of ``steps``."""
+        blocks = torch.arange(self.counts.numel(), device=self.counts.device).repeat_interleave(self.counts)
+        return blocks * _BLOCK + (self.offsets.long() + _BLOCK // 2)
+
+
+class Scratch:
+    """Work buffers reused across the weights of one merge or unmerge call (fresh tensors the size of a weight
+    cost page faults on every use)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, Tensor] = {}
+
+    def get(self, slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A flat buffer of ``numel`` elements for ``slot`` (contents undefined)."""
+        key = (slot, dtype, device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+
+def merge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float = 1.0,
+                scratch: Optional[Scratch] = None) -> MergeRecord:
+    """``weight += (left @ right) · scale`` in place, rounded as PEFT rounds it; returns what
+    :func:`unmerge_exact` needs.
+
+    ``weight`` is read as a ``left.shape[0] × right.shape[1]`` matrix (row-major); the product is computed in
+    the factors' dtype.
+    """
+    matrix = _as_matrix(weight, left, right)
+    scratch = scratch or Scratch()
+    n, ints = matrix.numel(), _INT[weight.element_size()]
+    with torch.no_grad():
+        delta = _delta(left, right, scale, scratch)
+        merged = torch.add(matrix, delta, out=scratch.get("merged", n, weight.dtype, weight.device).view(matrix.shape))
+        k = scratch.get("k", n, ints, weight.device)
+        back = k.view(weight.dtype).view(matrix.shape)
+        torch.sub(merged, delta, out=back)  # what a plain unmerge would give
+        original = matrix.view(ints).view(-1)
+        torch.sub(original, k, out=k)
+        index = k.nonzero().squeeze(1)
+        steps = k.index_select(0, index)
+        escape_index = index[:0]
+        if steps.numel() and (int(steps.min()) < -128 or int(steps.max()) > 127):
+            fits = (steps >= -128) & (steps <= 127)
+            escape_index, index, steps = index[~fits], index[fits], steps[fits]
+        record = _record(index, steps.to(torch.int8), n, escape_index, original.index_select(0, escape_index))
+        matrix.copy_(merged)
+        if matrix.data_ptr() != weight.data_ptr():
+            weight.copy_(matrix.view(weight.shape))
+    return record
+
+
+def unmerge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float, record: MergeRecord,
+                  scratch: Optional[Scratch] = None) -> None:
+    """Undo :func:`merge_exact` in place (same factors and scale): subtract, then add back every ``k``."""
+    matrix = _as_matrix(weight, left, right)
+    with torch.no_grad():
+        matrix.sub_(_delta(left, right, scale, scratch or Scratch()))
+        bits = matrix.view(_INT[weight.element_size()]).view(-1)
+        if record.steps.numel():
+            bits.index_add_(0, record.flat_index(), record.steps.to(bits.dtype))
+        bits.index_copy_(0, record.escape_index, record.escape_bits)
+        if matrix.data_ptr() != weight.data_ptr():
+            weight.copy_(matrix.view(weight.shape))
+
+
+def _as_matrix(weight: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """``weight`` as the ``rows × cols`` matrix the product fills (a contiguous copy if it cannot be a view)."""
+    if not weight.dtype.is_floating_point:
+        raise ValueError(f"cannot merge into a weight of dtype {weight.dtype}: only floating-point weights")
+    if weight.device.type == "meta":
+        raise ValueError("cannot merge into a weight on the meta device: it holds no values")
+    if left.dim() != 2 or right.dim() != 2 or left.shape[1] != right.shape[0] or (
+            weight.numel() != left.shape[0] * right.shape[1]):
+        raise ValueError(f"the product of factors {tuple(left.shape)} and {tuple(right.shape)} does not fit a "
+                         f"weight of shape {tuple(weight.shape)}")
+    return weight.contiguous().view(left.shape[0], right.shape[1])
+
+
+def _delta(left: Tensor, right: Tensor, scale: float, scratch: Scratch) -> Tensor:
+    """``(left @ right) · scale`` into scratch; merge and unmerge both get their delta here. One product for the
+    whole weight: a matrix product of fewer rows may sum in another order (e.g. one row goes to a vector kernel)."""
+    rows, cols = left.shape[0], right.shape[1]
+    delta = torch.mm(left, right, out=scratch.get("delta", rows * cols, left.dtype, left.device).view(rows, cols))
+    return delta.mul_(scale) if scale != 1 else delta
+
+
+def _record(index: Tensor, steps: Tensor, numel: int, escape_index: Tensor, escape_bits: Tensor) -> MergeRecord:
+    """Pack the ascending flat ``index`` as per-block counts and 16-bit offsets."""
+    bounds = torch.arange(0, numel + _BLOCK, _BLOCK, device=index.device)
+    counts = torch.searchsorted(index, bounds).diff().to(torch.int32)
+    offsets = ((index & (_BLOCK - 1)) - _BLOCK // 2).to(torch.int16)
+    return MergeRecord(counts, offsets, steps, escape_index, escape_bits)
