@@ -384,8 +384,7 @@ class LoraModel(nn.Module):
     def disable_adapter(self):
         """Run the bare base model inside the block; the previous state (merged adapters too) comes back after,
         even when the block raises."""
-        modules = list(self._adapter_modules())  # one walk serves the merged check and the assignment
-        merged = list(dict.fromkeys(n for m in modules if isinstance(m, LoraLayer) for n in m.merged_adapters))
+        merged = self.merged_adapter_names()
         if merged:
             self.unmerge_adapter()
         was_disabled = [(m, m.disable_adapters) for m in self._adapter_modules()]
