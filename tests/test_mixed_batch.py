@@ -6,7 +6,7 @@ from torch import nn
 
 from conftest import CustomNet, custom_inputs, tiny_gpt2, tiny_llama, token_ids
 from lorakit import LoraConfig, get_peft_model
-from lorakit.kernels import add_dropped_lora, dropout_mask
+from lorakit.kernels import add_dropped_lora, keep_mask, pack_bits, unpack_bits
 
 
 def three_adapter_llama():
@@ -175,14 +175,27 @@ def test_dropout_path_equals_reference_with_same_mask(dtype):
     for t in (x, A, B, base):
         t.grad = None
     torch.manual_seed(123)
-    seed = int(torch.randint(0, 2**62, (1,)).item())  # the seed add_dropped_lora drew
-    mask = dropout_mask(x, 0.3, seed)
+    mask = keep_mask(x, 0.3).to(dtype) / 0.7  # the mask add_dropped_lora drew
     assert 0 < (mask == 0).float().mean() < 0.6
     expected = base + 0.7 * (x * mask) @ A.T @ B.T
     torch.testing.assert_close(out, expected)
     expected.backward(g)
     for got, want in zip(ours, (t.grad for t in (x, A, B, base))):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5, 13), (2, 64)])
+def test_dropout_mask_bits_round_trip(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape))) < 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_bits(packed, mask.shape), mask)
+
+
+def test_keep_mask_keeps_about_1_minus_p():
+    torch.manual_seed(0)
+    kept = keep_mask(torch.empty(200_000), 0.1).float().mean().item()
+    assert abs(kept - 0.9) < 0.005  # 7 standard deviations of the binomial mean
 
 
 def test_training_with_dropout_saves_no_copy_of_the_input():
