@@ -215,3 +215,45 @@ def test_merged_model_weights_equal_peft_merged_weights_bit_for_bit(make, target
     for name, p in ours.get_base_model().named_parameters():
         if "lora_" not in name:
             assert torch.equal(bits(p.detach()), bits(original[name])), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_without_record_adds_the_same_bits(dtype):
+    shape = (700, 600)
+    left, right = factors(shape, 0.5, seed=8, spikes=2)
+    W = weights(shape, dtype, seed=8)
+    reference = added(W, delta_of(left, right, shape))
+    recorded, plain = W.clone(), W.clone()
+    merge_exact(recorded, left, right, 1.5)
+    assert merge_exact(plain, left, right, 1.5, record=False) is None
+    assert torch.equal(bits(plain), bits(recorded))
+    plain_1 = W.clone()
+    merge_exact(plain_1, left, right, record=False)
+    assert torch.equal(bits(plain_1), bits(reference))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_and_unload_gives_the_reversible_merge_weights(dtype):
+    """merge_and_unload skips the record (its layers are thrown away) and still gives the merged weights bit for
+    bit; a layer merged without a record refuses to unmerge and keeps its weights."""
+    import copy
+
+    from conftest import tiny_llama
+    from lorakit import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama().to(dtype), LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                              init_lora_weights=False))
+    reversible = copy.deepcopy(model)
+    reversible.merge_adapter()
+    expected = {n.replace(".base_layer", ""): p for n, p in reversible.get_base_model().named_parameters()
+                if "lora_" not in n}
+    unloaded = copy.deepcopy(model).merge_and_unload()
+    got = dict(unloaded.named_parameters())
+    assert got.keys() == expected.keys()
+    for name, p in got.items():
+        assert torch.equal(bits(p.detach()), bits(expected[name].detach())), name
+    model.merge_adapter(reversible=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="cannot be unmerged"):
+        model.unmerge_adapter()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

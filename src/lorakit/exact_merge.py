@@ -67,18 +67,24 @@ class Scratch:
 
 
 def merge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float = 1.0,
-                scratch: Optional[Scratch] = None) -> MergeRecord:
+                scratch: Optional[Scratch] = None, record: bool = True) -> Optional[MergeRecord]:
     """``weight += (left @ right) · scale`` in place, rounded as PEFT rounds it; returns what
     :func:`unmerge_exact` needs.
 
     ``weight`` is read as a ``left.shape[0] × right.shape[1]`` matrix (row-major); the product is computed in
-    the factors' dtype.
+    the factors' dtype. ``record=False`` (the weights will not be unmerged: ``merge_and_unload``) adds the same
+    bits in one pass and returns ``None``.
     """
     matrix = _as_matrix(weight, left, right)
     scratch = scratch or Scratch()
     n, ints = matrix.numel(), _INT[weight.element_size()]
     with torch.no_grad():
         delta = _delta(left, right, scale, scratch)
+        if not record:
+            matrix.add_(delta)
+            if matrix.data_ptr() != weight.data_ptr():
+                weight.copy_(matrix.view(weight.shape))
+            return None
         merged = torch.add(matrix, delta, out=scratch.get("merged", n, weight.dtype, weight.device).view(matrix.shape))
         k = scratch.get("k", n, ints, weight.device)
         back = k.view(weight.dtype).view(matrix.shape)

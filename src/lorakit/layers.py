@@ -428,13 +428,15 @@ class LoraLayer(nn.Module):
                 )
 
     def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False, own_weight: bool = False,
-              scratch: Optional[Scratch] = None):
+              scratch: Optional[Scratch] = None, reversible: bool = True):
         """Fold adapters (default: the active ones) into the base weight, exactly reversibly
         (:func:`~lorakit.exact_merge.merge_exact`).
 
         Adapters already merged are skipped. ``own_weight``: the base weight is shared with another module (tied
         embeddings), so merge into a private copy and leave the shared one alone. ``safe_merge`` checks for
         non-finite results before the weight is touched. ``scratch``: work buffers to reuse across layers.
+        ``reversible=False``: the same merged bits in one pass, but the layer can no longer unmerge (for
+        ``merge_and_unload``, which throws the layer away).
         """
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         names = [n for n in names if n in self.r and n not in self.merged_adapters]
@@ -449,12 +451,17 @@ class LoraLayer(nn.Module):
             self._own_weight_of = shared
         scratch = scratch or Scratch()
         for name in names:
-            self._fixups[name] = merge_exact(self.base_layer.weight.data, *self._merge_factors(name), scratch)
+            self._fixups[name] = merge_exact(self.base_layer.weight.data, *self._merge_factors(name), scratch,
+                                             record=reversible)
             self.merged_adapters.append(name)
         self._refresh()
 
     def unmerge(self, scratch: Optional[Scratch] = None) -> None:
         """Subtract every merged adapter, last merged first, restoring the original weight bit for bit."""
+        irreversible = [n for n in self.merged_adapters if self._fixups[n] is None]
+        if irreversible:
+            raise ValueError(f"adapter(s) {irreversible} were merged with reversible=False (for unloading); "
+                             "they cannot be unmerged")
         scratch = scratch or Scratch()
         while self.merged_adapters:
             name = self.merged_adapters.pop()

@@ -421,13 +421,15 @@ class LoraModel(nn.Module):
             names += [n for n in layer.merged_adapters if n not in names]
         return names
 
-    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False,
+                      reversible: bool = True) -> None:
         """Fold adapters (default: the active ones) into the base weights, exactly reversibly.
 
         Everything is checked before any weight changes: layers that cannot merge, unknown names, and with
         ``safe_merge`` non-finite results. Merging an adapter that is already merged warns and does nothing.
         Weights shared with another module (tied embeddings) are merged into a private copy, so the other
-        module keeps computing what it computed before.
+        module keeps computing what it computed before. ``reversible=False`` gives the same weights several
+        times faster but keeps nothing to unmerge with (``merge_and_unload`` uses it).
         """
         names = list(self.active_adapters if adapter_names is None else (
             [adapter_names] if isinstance(adapter_names, str) else adapter_names))
@@ -447,7 +449,8 @@ class LoraModel(nn.Module):
         shared = self._shared_weights()
         scratch = Scratch()  # work buffers shared by all layers
         for layer in layers:
-            layer.merge(names, own_weight=id(layer.base_layer.weight) in shared, scratch=scratch)
+            layer.merge(names, own_weight=id(layer.base_layer.weight) in shared, scratch=scratch,
+                        reversible=reversible)
 
     def _shared_weights(self) -> set[int]:
         counts = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
@@ -461,7 +464,7 @@ class LoraModel(nn.Module):
 
     def _unwrap(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         if merge:
-            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+            self.merge_adapter(adapter_names, safe_merge=safe_merge, reversible=False)  # the layers go away
         untied = False
         for name, module in list(self.model.named_modules()):
             if isinstance(module, LoraLayer):

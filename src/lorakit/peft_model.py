@@ -102,8 +102,9 @@ class PeftModel(nn.Module):
         with self.base_model.disable_adapter():
             yield
 
-    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
-        self.base_model.merge_adapter(adapter_names, safe_merge=safe_merge)
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False,
+                      reversible: bool = True) -> None:
+        self.base_model.merge_adapter(adapter_names, safe_merge=safe_merge, reversible=reversible)
 
     def unmerge_adapter(self) -> None:
         self.base_model.unmerge_adapter()
