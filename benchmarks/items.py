@@ -128,6 +128,16 @@ def section_main(ctx: Context) -> list[Row]:
         target = Target("ratio", "<=", 1 / 1.4, "≥ 1.4× faster") if what == "merge" else None
         rows.append(Row(f"{what}_adapter", g.cell("lorakit"), g.cell("peft"), g.ratio("lorakit", "peft"), target))
 
+    log("merge_and_unload")
+    unloaded = {n: copy.deepcopy(m).merge_and_unload() for n, m in models.items()}
+    w.check_same_outputs(unloaded["lorakit"], unloaded["peft"], probe, "merge_and_unload")
+    del unloaded
+    g = Group(ctx.errors)
+    for n, m in models.items():
+        g.add(n, lambda m=m: _unload_step(m))
+    g.run(ctx.rounds)
+    rows.append(Row("merge_and_unload", g.cell("lorakit"), g.cell("peft"), g.ratio("lorakit", "peft")))
+
     log("save / load")
     rows += _save_load(ctx, models)
     return rows
@@ -157,6 +167,14 @@ def _merge_step(model: nn.Module, what: str) -> Callable[[], float]:
             model.merge_adapter()
             t = timed(model.unmerge_adapter)
         return t
+
+    return run
+
+
+def _unload_step(model: nn.Module) -> Callable[[], float]:
+    """``merge_and_unload`` of a fresh copy of ``model`` (the copy is not timed)."""
+    def run() -> float:
+        return timed(copy.deepcopy(model).merge_and_unload)
 
     return run
 
