@@ -460,8 +460,9 @@ def section_memory(ctx: Context) -> list[Row]:
 
     def cells(key: str):
         out = {n: failed.get(n) or Stats.of([r[key] for r in results[n]], "mib") for n in w.LIB_NAMES}
-        pairs = list(zip(results["lorakit"], results["peft"]))
-        ratio = Stats.of([a[key] / b[key] for a, b in pairs], "ratio") if pairs and not failed else None
+        # a tiny model's step can stay inside memory already mapped (a rise of 0): no ratio for those runs
+        ratios = [a[key] / b[key] for a, b in zip(results["lorakit"], results["peft"]) if b[key] > 0]
+        ratio = Stats.of(ratios, "ratio") if ratios and not failed else None
         return out["lorakit"], out["peft"], ratio
 
     batch, tokens = ctx.scale.train
