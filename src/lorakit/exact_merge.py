@@ -77,7 +77,6 @@ def merge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float = 1.0,
     """
     matrix = _as_matrix(weight, left, right)
     scratch = scratch or Scratch()
-    n, ints = matrix.numel(), _INT[weight.element_size()]
     with torch.no_grad():
         delta = _delta(left, right, scale, scratch)
         if not record:
@@ -85,6 +84,7 @@ def merge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float = 1.0,
             if matrix.data_ptr() != weight.data_ptr():
                 weight.copy_(matrix.view(weight.shape))
             return None
+        n, ints = matrix.numel(), _INT[weight.element_size()]
         merged = torch.add(matrix, delta, out=scratch.get("merged", n, weight.dtype, weight.device).view(matrix.shape))
         k = scratch.get("k", n, ints, weight.device)
         back = k.view(weight.dtype).view(matrix.shape)

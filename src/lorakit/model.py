@@ -66,6 +66,11 @@ def _named_parameters(module: nn.Module, prefix: str) -> Iterable[tuple[str, nn.
     return [(f"{prefix}.{k}", p) for k, p in module._parameters.items() if p is not None]
 
 
+def _merged_names(layers: Iterable[LoraLayer]) -> list[str]:
+    """The adapters merged into any of ``layers``, each once, in the order first met."""
+    return list(dict.fromkeys(name for layer in layers for name in layer.merged_adapters))
+
+
 def _parent_and_child(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
@@ -128,7 +133,7 @@ class LoraModel(nn.Module):
             raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; this model has "
                              f"{list(self.peft_config)} (and {BASE!r} for none)")
         modules = list(self._adapter_modules())  # one walk serves the merged check and the assignment
-        merged = list(dict.fromkeys(n for m in modules if isinstance(m, LoraLayer) for n in m.merged_adapters))
+        merged = _merged_names(m for m in modules if isinstance(m, LoraLayer))
         if merged:
             raise ValueError(f"adapter(s) {merged} are merged into the weights; unmerge_adapter() before a mixed batch")
         if torch.is_grad_enabled() and self.model.training and activation_checkpointing(self.model):
@@ -416,10 +421,7 @@ class LoraModel(nn.Module):
 
     # -- merging --------------------------------------------------------------------------------------------------
     def merged_adapter_names(self) -> list[str]:
-        names: list[str] = []
-        for _, layer in self.lora_layers():
-            names += [n for n in layer.merged_adapters if n not in names]
-        return names
+        return _merged_names(layer for _, layer in self.lora_layers())
 
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False,
                       reversible: bool = True) -> None:
