@@ -15,7 +15,7 @@ from .peft_model import (
     get_peft_model,
 )
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "LoraConfig",

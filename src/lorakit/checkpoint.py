@@ -27,10 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from . import convert, distributed
-from .config import CONFIG_NAME, LoraConfig
+from .config import CONFIG_NAME, LoraConfig, config_json, read_config
 from .io import HUB_KWARGS, atomic_write_many, resolve_file
 from .layers import Linear as LoraLinear
 from .layers import LoraLayer
+from .version import __version__
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -157,17 +158,12 @@ def _selected_adapters(lora_model, selected: Optional[Sequence[str]]) -> list[st
 
 def _config_json(lora_model, config: LoraConfig, adapter_name: str) -> str:
     """The config as saved: every field, in inference mode, with the GPT-2 flag PEFT would set and our version."""
-    from . import __version__
-
-    data = config.to_dict()
-    data["peft_type"] = "LORA"
-    data["inference_mode"] = True
-    data["lorakit_version"] = __version__
+    extra = {"peft_type": "LORA", "inference_mode": True, "lorakit_version": __version__}
     # lorakit detects GPT-2's Conv1D by class; PEFT readers expect the flag in the file.
     if any(isinstance(layer, LoraLinear) and layer.transpose_delta and adapter_name in layer.r
            for _, layer in lora_model.lora_layers()):
-        data["fan_in_fan_out"] = True
-    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+        extra["fan_in_fan_out"] = True
+    return config_json(config, **extra)
 
 
 def _for_disk(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -293,23 +289,6 @@ def _load_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     if not isinstance(allow_pickle, bool):
         raise TypeError(f"allow_pickle must be a bool, got {allow_pickle!r}")
     return {k: v for k, v in kwargs.items() if k in HUB_KWARGS}, allow_pickle
-
-
-def read_config(model_id, subfolder: Optional[str] = None, revision: Optional[str] = None, **hub: Any) -> LoraConfig:
-    """The adapter's ``adapter_config.json`` as a LoraConfig; bad JSON or invalid values raise naming the file.
-
-    Fields lorakit does not know are ignored with a warning naming them (newer PEFT releases add fields)."""
-    path = resolve_file(model_id, CONFIG_NAME, subfolder=subfolder, revision=revision, **hub)
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    try:
-        return LoraConfig.from_dict(data)
-    except (ValueError, TypeError) as e:
-        raise type(e)(f"{path}: {e}") from None
 
 
 def read_weights(

@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from . import __version__
+from .version import __version__
 
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
                ValueError, KeyError, TypeError, ImportError)

@@ -209,24 +209,39 @@ class LoraConfig:
         from .io import atomic_write_text
 
         os.makedirs(save_directory, exist_ok=True)
-        data = self.to_dict()
-        data.update(extra)
-        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True))
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), config_json(self, **extra))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, subfolder: Optional[str] = None, **kwargs: Any) -> "LoraConfig":
         """Read ``adapter_config.json`` from a folder (or a Hub repo id, through huggingface_hub)."""
-        from .io import resolve_file
+        return read_config(path, subfolder=subfolder, **kwargs)
 
-        config_file = resolve_file(path, CONFIG_NAME, subfolder=subfolder, **kwargs)
-        try:
-            with open(config_file, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{config_file} must hold a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+
+def config_json(config: LoraConfig, **extra: Any) -> str:
+    """The text of ``adapter_config.json``: every field of ``config``, then ``extra`` (file-level facts such as
+    ``lorakit_version``). The one writer of the file's content."""
+    data = config.to_dict()
+    data.update(extra)
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def read_config(model_id, subfolder: Optional[str] = None, revision: Optional[str] = None, **hub: Any) -> LoraConfig:
+    """An adapter's ``adapter_config.json`` (a local folder, or a Hub repo id through huggingface_hub) as a
+    LoraConfig; bad JSON or invalid values raise naming the file. The one reader of the file."""
+    from .io import resolve_file
+
+    path = resolve_file(model_id, CONFIG_NAME, subfolder=subfolder, revision=revision, **hub)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    try:
+        return LoraConfig.from_dict(data)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{path}: {e}") from None
 
 
 # Defaults of PEFT fields that lorakit does not implement: loading them at these values changes nothing.

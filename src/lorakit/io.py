@@ -57,10 +57,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     atomic_write_many({path: write})
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 

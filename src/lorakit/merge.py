@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import read_config
+from .config import read_config
 
 
 def merge_to_folder(adapter: str | os.PathLike, out: str | os.PathLike, model: Optional[str] = None,
