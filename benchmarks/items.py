@@ -436,7 +436,7 @@ def _exactness_record(model: nn.Module, b_std: float) -> tuple[Stats, float]:
     delta = sum(layer.delta_weight("a0").float().norm() ** 2 for layer in layers) ** 0.5
     weight = sum(layer.base_layer.weight.float().norm() ** 2 for layer in layers) ** 0.5
     model.merge_adapter()
-    kept = sum(record.nbytes for layer in layers for record in layer._fixups.values())
+    kept = sum(record.nbytes for layer in layers for record in layer.merge_records.values())
     total = sum(layer.base_layer.weight.nbytes for layer in layers)
     return Stats.of([kept / total], "percent"), float(delta / weight)
 

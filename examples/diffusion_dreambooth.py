@@ -200,7 +200,7 @@ def main() -> None:
     files, reload_diff = save_and_reload(model, args.output_dir, fresh_base, forward)
     print(f"saved to {args.output_dir}: {describe_files(files)}; reloaded: max |Δ| {reload_diff:.1e}")
 
-    from lorakit.diffusers_export import save_diffusers_lora
+    from lorakit.integrations.diffusers_export import save_diffusers_lora
 
     path = save_diffusers_lora(model, args.output_dir / "diffusers")
     theirs = fresh_base()

@@ -303,7 +303,7 @@ class Rows(torch.utils.data.Dataset):
 def adapter_trainer(out: Path, **kwargs):
     from transformers import TrainingArguments
 
-    from lorakit.trainer import AdapterTrainer
+    from lorakit.integrations.trainer import AdapterTrainer
 
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
@@ -367,7 +367,7 @@ def test_trainer_refuses_label_smoothing(tmp_path):
 
 
 def test_load_adapter_weights_checks_before_changing(tmp_path):
-    from lorakit.trainer import load_adapter_weights
+    from lorakit.integrations.trainer import load_adapter_weights
 
     model = model64()
     model.save_pretrained(tmp_path / "ok")

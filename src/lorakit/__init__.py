@@ -1,9 +1,12 @@
-"""lorakit: LoRA fine-tuning for any PyTorch model, a drop-in for PEFT's LoRA."""
+"""lorakit: LoRA fine-tuning for any PyTorch model, a drop-in for PEFT's LoRA.
+
+This module is the public API (PEFT's names) and nothing else; ARCHITECTURE.md maps the package."""
 
 from .config import LoraConfig, TaskType
-from .layers import LoraLayer, lora_delta, register_lora_layer
+from .layers import LoraLayer, register_lora_layer
 from .model import LoraModel
 from .modules_to_save import ModulesToSaveWrapper
+from .ops import lora_delta
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,

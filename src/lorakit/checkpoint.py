@@ -4,8 +4,10 @@ Saving: every file is staged beside its target and renamed into place only once 
 fully written (:mod:`lorakit.io`), so a failed save leaves the previous adapter whole. Nothing is pickled unless
 ``safe_serialization=False`` asks for PEFT's ``adapter_model.bin``.
 
-Loading: the files are read and parsed first; then the adapter is added with the file's tensors, and every key
-and shape is checked before any tensor of the model changes (:meth:`lorakit.LoraModel.inject_adapter`). A
+Loading: the files are read and parsed first (:func:`read_weights`, :func:`lorakit.config.read_config`); then
+:class:`FileAdapter` fits the file's tensors onto the adapter's, and every key and shape is checked before any
+tensor of the model changes (:meth:`lorakit.LoraModel.inject_adapter`). ``PeftModel.from_pretrained`` and
+``load_adapter`` (:mod:`lorakit.peft_model`) drive these steps; this module never imports it. A
 failure of any kind leaves the model as it was: ``load_adapter`` removes nothing that was there, and
 ``from_pretrained`` hands the user's model back unwrapped. A pickled ``.bin`` is read only with
 ``allow_pickle=True``, because unpickling can run code.
@@ -26,9 +28,11 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import convert, distributed
+from .convert import from_peft, strip_peft_prefix, to_peft, to_peft_key
+from .distributed import gather_full, is_sharded, rank
 from .config import CONFIG_NAME, LoraConfig, config_json, read_config
 from .io import HUB_KWARGS, atomic_write_many, resolve_file
+from .keys import PEFT_PREFIX, is_adapter_key
 from .layers import Linear as LoraLinear
 from .layers import LoraLayer
 from .version import __version__
@@ -87,7 +91,7 @@ def save_adapters(
     folder = Path(save_directory)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"save_directory {str(folder)!r} is a file; expected a folder (created if missing)")
-    sharded = state_dict is None and distributed.is_sharded(peft_model)
+    sharded = state_dict is None and is_sharded(peft_model)
     if not is_main_process and not sharded:
         return
 
@@ -95,18 +99,18 @@ def save_adapters(
     found = []
     for name in names:
         config = lora_model.peft_config[name]
-        tensors = {convert.PEFT_PREFIX + k: v for k, v in lora_model.adapter_state(name).items()}
+        tensors = {PEFT_PREFIX + k: v for k, v in lora_model.adapter_state(name).items()}
         tensors.update(_embedding_tensors(lora_model, config, name, save_embedding_layers))
         found.append((name, config, tensors))
     if sharded:  # every rank is here; the whole tensors land on rank 0
-        state_dict = distributed.gather_full(peft_model, [k for *_, tensors in found for k in tensors])
-        if distributed.rank() != 0 or not is_main_process:
+        state_dict = gather_full(peft_model, [k for *_, tensors in found for k in tensors])
+        if rank() != 0 or not is_main_process:
             return
     jobs = []
     for name, config, tensors in found:
         if state_dict is not None:
             tensors = _taken_from(state_dict, tensors)
-        peft_keyed = convert.to_peft(convert.strip_peft_prefix(tensors), name)
+        peft_keyed = to_peft(strip_peft_prefix(tensors), name)
         out = folder if name == "default" else folder / name
         jobs.append((out, _for_disk(peft_keyed), _config_json(lora_model, config, name)))
 
@@ -221,8 +225,8 @@ def _embedding_tensors(lora_model, config: LoraConfig, adapter_name: str, settin
         prefix = module_names[id(layer)] + (".base_layer." if targeted else ".")
         for key, tensor in state.items():
             # adapter tensors of this adapter are in adapter_state already; other adapters' do not belong here
-            if key.startswith(prefix) and not re.search(r"(?:^|\.)(?:lora_\w+|modules_to_save)\.", key[len(prefix):]):
-                out[convert.PEFT_PREFIX + key] = tensor
+            if key.startswith(prefix) and not is_adapter_key(key[len(prefix):]):
+                out[PEFT_PREFIX + key] = tensor
     return out
 
 
@@ -274,7 +278,7 @@ def _vocab_resized(model: nn.Module, config: LoraConfig) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
-def _load_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def load_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     unknown = sorted(set(kwargs) - set(HUB_KWARGS) - set(_LOAD_OPTIONS))
     if unknown:
         raise TypeError(
@@ -348,7 +352,7 @@ def _check_tensors(tensors: Any, source: str) -> dict[str, Tensor]:
     return tensors
 
 
-class _FileAdapter:
+class FileAdapter:
     """Fits one adapter file onto a model: maps its keys onto the adapter's tensors once the adapter's layers
     exist (``__call__``, the callable ``inject_adapter`` takes), checks the rest (base-model tensors PEFT saves,
     e.g. embedding weights) and, after the adapter is in, copies those into the model (:meth:`place`)."""
@@ -358,16 +362,16 @@ class _FileAdapter:
         self.base: list[tuple[Tensor, Tensor]] = []  # (model tensor, file tensor)
 
     def __call__(self, own: dict[str, Tensor]) -> dict[str, Tensor]:
-        state, rest = convert.from_peft(self.tensors, own, self.adapter_name, self.source)
+        state, rest = from_peft(self.tensors, own, self.adapter_name, self.source)
         for key, tensor in state.items():
-            self._check_shape(convert.to_peft_key(key, self.adapter_name), tensor, own[key])
+            self._check_shape(to_peft_key(key, self.adapter_name), tensor, own[key])
         self.base = self._base_tensors(rest)
         return state
 
     def _check_shape(self, peft_key: str, found: Tensor, expected: Tensor) -> None:
         if tuple(found.shape) != tuple(expected.shape):
             raise ValueError(
-                f"{self.source}: tensor {convert.PEFT_PREFIX + peft_key!r} has shape {tuple(found.shape)}, the model "
+                f"{self.source}: tensor {PEFT_PREFIX + peft_key!r} has shape {tuple(found.shape)}, the model "
                 f"expects {tuple(expected.shape)} (different r, rank_pattern or base model?)"
             )
 
@@ -379,10 +383,10 @@ class _FileAdapter:
             parent, _, leaf = key.rpartition(".")
             wrapped = f"{parent}.base_layer.{leaf}" if parent else f"base_layer.{leaf}"
             target = None
-            if not re.search(r"(?:^|\.)(?:lora_\w+|modules_to_save)(?:\.|$)", key):
+            if not is_adapter_key(key):
                 target = model_state.get(key, model_state.get(wrapped))
             if target is None:
-                unexpected.append(convert.PEFT_PREFIX + key)
+                unexpected.append(PEFT_PREFIX + key)
                 continue
             self._check_shape(key, tensor, target)
             found.append((target, tensor))
@@ -407,46 +411,7 @@ class _FileAdapter:
                 raise
 
 
-def load_adapter_into(
-    peft_model,
-    model_id: str | os.PathLike,
-    adapter_name: str,
-    is_trainable: bool = False,
-    subfolder: Optional[str] = None,
-    revision: Optional[str] = None,
-    **kwargs: Any,
-) -> None:
-    """``PeftModel.load_adapter``: add the saved adapter as ``adapter_name`` (not activated), frozen unless
-    ``is_trainable``. If ``adapter_name`` exists already, its weights are overwritten in place (PEFT's behaviour,
-    which trainers rely on), provided the file's ranks and scalings are the adapter's. Any error leaves the
-    model as it was."""
-    if not isinstance(is_trainable, bool):
-        raise TypeError(f"is_trainable must be a bool, got {is_trainable!r}")
-    hub, allow_pickle = _load_options(kwargs)
-    lora_model = peft_model.base_model
-    config = read_config(model_id, subfolder, revision, **hub)
-    tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, **hub)
-    if adapter_name in lora_model.peft_config:
-        _check_same_scaling(lora_model.peft_config[adapter_name], config, adapter_name, source)
-        fit = _FileAdapter(lora_model, adapter_name, tensors, source)
-        lora_model._load_adapter_state(adapter_name, fit)  # checks every key and shape before copying
-        fit.place()
-        return
-    config.inference_mode = not is_trainable
-    config = peft_model._prepare_config(peft_model.get_base_model(), config)
-    fit = _FileAdapter(lora_model, adapter_name, tensors, source)
-    lora_model.inject_adapter(config, adapter_name, state_dict=fit)
-    try:
-        fit.place()
-    except BaseException:
-        lora_model.delete_adapter(adapter_name)
-        raise
-    lora_model.set_adapter(lora_model.active_adapters)
-    if not is_trainable:
-        peft_model.eval()
-
-
-def _check_same_scaling(current: LoraConfig, saved: LoraConfig, adapter_name: str, source) -> None:
+def check_same_scaling(current: LoraConfig, saved: LoraConfig, adapter_name: str, source) -> None:
     """Overwriting an adapter's weights keeps its scalings: refuse a file whose settings would give others."""
     fields = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
     differ = [f for f in fields if getattr(current, f) != getattr(saved, f)]
@@ -456,49 +421,3 @@ def _check_same_scaling(current: LoraConfig, saved: LoraConfig, adapter_name: st
             f"({', '.join(f'{f}={getattr(saved, f)!r} vs {getattr(current, f)!r}' for f in differ)}); "
             "load it under a new adapter_name"
         )
-
-
-def load_peft_model(
-    cls,
-    model: nn.Module,
-    model_id: str | os.PathLike,
-    adapter_name: str = "default",
-    is_trainable: bool = False,
-    config: Optional[LoraConfig] = None,
-    subfolder: Optional[str] = None,
-    revision: Optional[str] = None,
-    **kwargs: Any,
-):
-    """``PeftModel.from_pretrained``: wrap ``model`` with the saved adapter; frozen and in eval mode unless
-    ``is_trainable``. The class follows the config's ``task_type`` when called on ``PeftModel`` itself, as in PEFT.
-    On any error ``model`` is handed back untouched (unwrapped, flags restored)."""
-    from .peft_model import PeftModel, peft_model_class
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, PeftModel):
-        raise TypeError("model is a PeftModel already; use its load_adapter() to add another adapter")
-    if not isinstance(is_trainable, bool):
-        raise TypeError(f"is_trainable must be a bool, got {is_trainable!r}")
-    hub, allow_pickle = _load_options(kwargs)
-    if config is None:
-        config = read_config(model_id, subfolder, revision, **hub)
-    elif not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a lorakit LoraConfig, got {type(config).__name__}")
-    else:
-        config = copy.deepcopy(config)
-    tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, **hub)
-    config.inference_mode = not is_trainable
-    if cls is PeftModel:
-        cls = peft_model_class(config.task_type)
-    peft_model = cls(model, config, adapter_name)  # on error the model is left as it was
-    fit = _FileAdapter(peft_model.base_model, adapter_name, tensors, source)
-    try:
-        peft_model.base_model._load_adapter_state(adapter_name, fit)
-        fit.place()
-    except BaseException:
-        peft_model.unload()
-        raise
-    if not is_trainable:
-        peft_model.eval()
-    return peft_model

@@ -54,6 +54,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .keys import check_adapter_names
+
 __all__ = [
     "COMBINATION_TYPES",
     "add_weighted_adapter",
@@ -255,9 +257,7 @@ def _check_adapters_and_weights(lora_model, adapters, weights) -> tuple[list[str
     if len(weights) != len(adapters):
         raise ValueError(f"got {len(adapters)} adapters {adapters} but {len(weights)} weights {weights}: "
                          "expected one weight per adapter")
-    unknown = [a for a in adapters if a not in lora_model.peft_config]
-    if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(lora_model.peft_config)}")
+    check_adapter_names(adapters, lora_model.peft_config)
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
             raise ValueError(f"weights must be finite real numbers, got {weights}")

@@ -29,12 +29,9 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from .keys import PEFT_PREFIX, PER_ADAPTER
+
 __all__ = ["PEFT_PREFIX", "to_peft_key", "peft_key_aliases", "to_peft", "from_peft", "strip_peft_prefix"]
-
-PEFT_PREFIX = "base_model.model."
-
-# Containers that hold one entry per adapter name; the segment after them is the adapter's name.
-_PER_ADAPTER = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save")
 
 
 def _drop_adapter_name(key: str, adapter_name: str, keep_container: bool) -> str:
@@ -48,7 +45,7 @@ def _drop_adapter_name(key: str, adapter_name: str, keep_container: bool) -> str
     i = 0
     while i < len(parts):
         part = parts[i]
-        if part in _PER_ADAPTER and i + 1 < len(parts) and parts[i + 1] == adapter_name:
+        if part in PER_ADAPTER and i + 1 < len(parts) and parts[i + 1] == adapter_name:
             if part != "modules_to_save" or keep_container:
                 out.append(part)
             i += 2

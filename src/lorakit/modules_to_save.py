@@ -21,8 +21,12 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: Optional[str] = None
         self.disable_adapters = False
-        self._rows = None  # set by LoraModel.mixed_batch for one call
+        self._rows = None  # set by lorakit.mixed_batch for one call
         self.update(adapter_name)
+
+    def set_row_adapters(self, rows) -> None:
+        """Route batch rows to adapters' copies (a :class:`lorakit.layers.RowAdapters`, or ``None``)."""
+        self._rows = rows
 
     def update(self, adapter_name: str, trainable: bool = True) -> None:
         """Give ``adapter_name`` its own trainable copy of the original module."""

@@ -14,8 +14,25 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
-from .config import LoraConfig
-from .model import LoraModel, activation_checkpointing
+from .checkpoint import FileAdapter, check_same_scaling, load_options, read_weights, save_adapters
+from .config import LoraConfig, read_config
+from .mixed_batch import batch_size
+from .model import LoraModel
+from .walk import activation_checkpointing
+
+
+def prepare_config(model: nn.Module, config: LoraConfig, task_modules_to_save: Sequence[str] = ()) -> LoraConfig:
+    """A private copy of the user's config with what lorakit derives from the model filled in: the task's extra
+    ``modules_to_save`` and ``base_model_name_or_path``. The user's object is never modified."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"peft_config must be a lorakit LoraConfig, got {type(config).__name__}")
+    config = copy.deepcopy(config)
+    if task_modules_to_save:
+        extra = [m for m in task_modules_to_save if m not in (config.modules_to_save or [])]
+        config.modules_to_save = list(config.modules_to_save or []) + extra
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    return config
 
 
 class PeftModel(nn.Module):
@@ -26,7 +43,7 @@ class PeftModel(nn.Module):
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs: Any):
         super().__init__()
-        config = self._prepare_config(model, peft_config)
+        config = prepare_config(model, peft_config, self.task_modules_to_save)
         # asked before injecting: the answer is the same, and transformers' check visits every module
         checkpointing = hasattr(model, "enable_input_require_grads") and activation_checkpointing(model)
         self.base_model = LoraModel(model, config, adapter_name)
@@ -35,18 +52,6 @@ class PeftModel(nn.Module):
             # Reentrant checkpointing gives a block no gradient unless its input needs one; the frozen embeddings'
             # output does not, so the adapters inside would get none (PEFT does the same).
             model.enable_input_require_grads()
-
-    def _prepare_config(self, model: nn.Module, config: LoraConfig) -> LoraConfig:
-        """A private copy of the user's config with what lorakit derives from the model filled in."""
-        if not isinstance(config, LoraConfig):
-            raise TypeError(f"peft_config must be a lorakit LoraConfig, got {type(config).__name__}")
-        config = copy.deepcopy(config)
-        if self.task_modules_to_save:
-            extra = [m for m in self.task_modules_to_save if m not in (config.modules_to_save or [])]
-            config.modules_to_save = list(config.modules_to_save or []) + extra
-        if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
-        return config
 
     # -- pass-through --------------------------------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any):
@@ -57,9 +62,7 @@ class PeftModel(nn.Module):
     def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any):
         """The base model's ``generate``; with ``adapter_names`` each prompt keeps its adapter through every step
         (beams and returned sequences inherit their prompt's adapter)."""
-        from .model import _batch_size
-
-        with self.base_model.mixed_batch(adapter_names, _batch_size(args, kwargs)):
+        with self.base_model.mixed_batch(adapter_names, batch_size(args, kwargs)):
             return self.get_base_model().generate(*args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -88,7 +91,8 @@ class PeftModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add a new adapter (inactive until :meth:`set_adapter`)."""
-        self.base_model.inject_adapter(self._prepare_config(self.get_base_model(), peft_config), adapter_name)
+        config = prepare_config(self.get_base_model(), peft_config, self.task_modules_to_save)
+        self.base_model.inject_adapter(config, adapter_name)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         self.base_model.set_adapter(adapter_name)
@@ -146,8 +150,6 @@ class PeftModel(nn.Module):
     ) -> None:
         """Write each selected adapter (default: all) as PEFT's adapter_config.json + adapter_model.safetensors;
         ``default`` at the top of ``save_directory``, others in a subfolder of their name. PEFT's argument order."""
-        from .checkpoint import save_adapters
-
         save_adapters(self, save_directory, selected_adapters, safe_serialization, **kwargs)
 
     @classmethod
@@ -162,9 +164,37 @@ class PeftModel(nn.Module):
         revision: Optional[str] = None,
         **kwargs: Any,
     ) -> "PeftModel":
-        from .checkpoint import load_peft_model
-
-        return load_peft_model(cls, model, model_id, adapter_name, is_trainable, config, subfolder, revision, **kwargs)
+        """Wrap ``model`` with the saved adapter; frozen and in eval mode unless ``is_trainable``. The class follows
+        the config's ``task_type`` when called on ``PeftModel`` itself, as in PEFT. On any error ``model`` is handed
+        back untouched (unwrapped, flags restored)."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, PeftModel):
+            raise TypeError("model is a PeftModel already; use its load_adapter() to add another adapter")
+        if not isinstance(is_trainable, bool):
+            raise TypeError(f"is_trainable must be a bool, got {is_trainable!r}")
+        hub, allow_pickle = load_options(kwargs)
+        if config is None:
+            config = read_config(model_id, subfolder, revision, **hub)
+        elif not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a lorakit LoraConfig, got {type(config).__name__}")
+        else:
+            config = copy.deepcopy(config)
+        tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, **hub)
+        config.inference_mode = not is_trainable
+        if cls is PeftModel:
+            cls = peft_model_class(config.task_type)
+        peft_model = cls(model, config, adapter_name)  # on error the model is left as it was
+        fit = FileAdapter(peft_model.base_model, adapter_name, tensors, source)
+        try:
+            peft_model.base_model.load_adapter_state(adapter_name, fit)
+            fit.place()
+        except BaseException:
+            peft_model.unload()
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
 
     def load_adapter(
         self,
@@ -175,9 +205,33 @@ class PeftModel(nn.Module):
         revision: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
-        from .checkpoint import load_adapter_into
-
-        load_adapter_into(self, model_id, adapter_name, is_trainable, subfolder, revision, **kwargs)
+        """Add the saved adapter as ``adapter_name`` (not activated), frozen unless ``is_trainable``. If
+        ``adapter_name`` exists already, its weights are overwritten in place (PEFT's behaviour, which trainers rely
+        on), provided the file's ranks and scalings are the adapter's. Any error leaves the model as it was."""
+        if not isinstance(is_trainable, bool):
+            raise TypeError(f"is_trainable must be a bool, got {is_trainable!r}")
+        hub, allow_pickle = load_options(kwargs)
+        lora_model = self.base_model
+        config = read_config(model_id, subfolder, revision, **hub)
+        tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, **hub)
+        if adapter_name in lora_model.peft_config:
+            check_same_scaling(lora_model.peft_config[adapter_name], config, adapter_name, source)
+            fit = FileAdapter(lora_model, adapter_name, tensors, source)
+            lora_model.load_adapter_state(adapter_name, fit)  # checks every key and shape before copying
+            fit.place()
+            return
+        config.inference_mode = not is_trainable
+        config = prepare_config(self.get_base_model(), config, self.task_modules_to_save)
+        fit = FileAdapter(lora_model, adapter_name, tensors, source)
+        lora_model.inject_adapter(config, adapter_name, state_dict=fit)
+        try:
+            fit.place()
+        except BaseException:
+            lora_model.delete_adapter(adapter_name)
+            raise
+        lora_model.set_adapter(lora_model.active_adapters)
+        if not is_trainable:
+            self.eval()
 
 
 class _NamedInputs(PeftModel):

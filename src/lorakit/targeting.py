@@ -142,3 +142,25 @@ def _in_layers(name: str, config: LoraConfig) -> bool:
         return False
     wanted = config.layers_to_transform
     return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+#: modules_to_save entries PEFT adds for a task type; a model without them is normal, so they never warn
+TASK_MODULES_TO_SAVE = frozenset({"classifier", "score", "qa_outputs"})
+
+
+def modules_to_save_names(config: LoraConfig, module_names: Sequence[str]) -> list[str]:
+    """Outermost modules named by ``config.modules_to_save`` (list rule), in model order; warns for user entries
+    that match nothing (a task's defaults like "score" are expected to miss)."""
+    entries = config.modules_to_save or []
+    chosen, used = [], set()
+    for name in module_names:
+        hits = [e for e in entries if name and list_entry_matches(name, e)]
+        if not hits or inside_any(name.rpartition(".")[0], chosen):
+            continue
+        used.update(hits)
+        chosen.append(name)
+    task_defaults = TASK_MODULES_TO_SAVE if config.task_type else set()
+    missing = [e for e in entries if e not in used and e not in task_defaults]
+    if missing:
+        warnings.warn(f"modules_to_save entries matched no module and were ignored: {missing}", stacklevel=3)
+    return chosen

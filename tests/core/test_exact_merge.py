@@ -135,7 +135,7 @@ def test_record_holds_exactly_the_elements_a_plain_subtraction_gets_wrong(dtype,
 @pytest.mark.parametrize("scaling", [2.0, 0.25, 1.5, -3.0, 1 / 3])
 @pytest.mark.parametrize("transpose", [False, True])
 def test_factors_multiply_out_to_lora_delta_bit_for_bit(scaling, transpose):
-    from lorakit.layers import lora_delta, lora_factors
+    from lorakit.ops import lora_delta, lora_factors
 
     g = torch.Generator().manual_seed(7)
     A, B = torch.randn(8, 300, generator=g), torch.randn(200, 8, generator=g)

@@ -6,7 +6,7 @@ from torch import nn
 
 from conftest import CustomNet, custom_inputs, tiny_gpt2, tiny_llama, token_ids
 from lorakit import LoraConfig, get_peft_model
-from lorakit.kernels import add_dropped_lora, keep_mask, pack_bits, unpack_bits
+from lorakit.ops import add_dropped_lora, keep_mask, pack_bits, unpack_bits
 
 
 def three_adapter_llama():

@@ -16,7 +16,8 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from conftest import load_example  # noqa: E402
-from lorakit.diffusers_export import DIFFUSERS_WEIGHT_NAME, save_diffusers_lora, to_diffusers  # noqa: E402
+from reference import dense_update  # noqa: E402
+from lorakit.integrations.diffusers_export import DIFFUSERS_WEIGHT_NAME, save_diffusers_lora, to_diffusers  # noqa: E402
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -56,9 +57,8 @@ def dense_reference(model, fresh, inputs):
     reference = copy.deepcopy(fresh)
     with torch.no_grad():
         for name, layer in model.base_model.lora_layers():
-            A, B = (t.double() for t in layer.factors("default"))
             weight = reference.get_submodule(name).weight
-            delta = layer.scaling["default"] * (B.flatten(1) @ A.flatten(1))
+            delta = dense_update(*layer.factors("default"), layer.scaling["default"])
             weight.add_(delta.reshape(weight.shape).to(weight.dtype))
     return run(reference, inputs)
 

@@ -11,24 +11,7 @@ from torch import nn
 import lorakit
 from lorakit import LoraLayer, lora_delta, register_lora_layer
 from lorakit.layers import Conv, Embedding, Linear, lora_layer_for
-
-
-def dense_delta(layer: LoraLayer, name="default"):
-    """s·B@A from the stored factors, in float64, oriented like the base weight (independent of lora_delta)."""
-    A, B = (t.detach().double() for t in layer._factor_params(name))
-    s = layer.scaling[name]
-    if isinstance(layer, Embedding):
-        return s * (B @ A).T
-    if isinstance(layer, Conv):
-        groups = layer.base_layer.groups
-        out, rg = B.shape[0], B.shape[1]  # a grouped B: output o reads the r-slice of its group
-        B_full = torch.zeros(out, rg * groups, dtype=B.dtype)
-        for o in range(out):
-            g = o // (out // groups)
-            B_full[o, g * rg:(g + 1) * rg] = B[o].flatten()
-        return s * torch.einsum("or,r...->o...", B_full, A)
-    delta = s * B @ A
-    return delta.T if layer.fan_in_fan_out else delta
+from reference import dense_delta
 
 
 def adapt(module, r=3, alpha=7.0, init=False, rslora=False):

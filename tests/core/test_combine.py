@@ -15,6 +15,7 @@ from torch import nn
 
 import lorakit
 from conftest import CustomNet, custom_inputs, tiny_gpt2, token_ids
+from reference import dense_update, scale_of
 from lorakit import combine
 
 TARGETS = ["emb", "conv1d", "conv2d", "lin1", "lin2"]
@@ -51,10 +52,8 @@ def layers(model):
 
 def update(layer, adapter):
     """Independent dense reference: ``s·B@A`` as an ``out × in·k`` matrix in float64, ``s`` from alpha and r."""
-    A, B = layer.factors(adapter)
     r, alpha = layer.r[adapter], layer.lora_alpha[adapter]
-    s = alpha / (math.sqrt(r) if layer.use_rslora[adapter] else r)
-    return s * B.detach().double().flatten(1) @ A.detach().double().flatten(1)
+    return dense_update(*layer.factors(adapter), scale_of(alpha, r, layer.use_rslora[adapter]))
 
 
 def weighted_sum(layer, adapters, weights):

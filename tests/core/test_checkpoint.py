@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import lorakit
 from conftest import CustomNet, custom_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, token_ids
+from reference import dense_update, scale_of
 from lorakit import LoraConfig, LoraLayer, PeftModel, get_peft_model
 
 SAFE, BIN, CONFIG = "adapter_model.safetensors", "adapter_model.bin", "adapter_config.json"
@@ -127,9 +128,9 @@ def dense_reference(make, folder, alpha_of=None):
             B = tensors[key.replace("_A", "_B")]
             r = A.shape[0]
             alpha = alpha_of(module) if alpha_of else config["lora_alpha"]
-            scale = alpha / (math.sqrt(r) if config["use_rslora"] else r)
+            scale = scale_of(alpha, r, config["use_rslora"])
             layer = base.get_submodule(module)
-            delta = scale * (B.flatten(1) @ A.flatten(1))
+            delta = dense_update(A, B, scale)
             if kind == "embedding_A" or type(layer).__name__ == "Conv1D":  # weights stored (in, out)
                 delta = delta.T
             layer.weight.add_(delta.reshape(layer.weight.shape))

@@ -27,8 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .io import atomic_write
-from .layers import Conv, Linear, LoraLayer
+from ..io import atomic_write
+from ..keys import check_adapter_names
+from ..layers import Conv, Linear, LoraLayer
+from ..model import LoraModel
 
 __all__ = ["DIFFUSERS_WEIGHT_NAME", "to_diffusers", "save_diffusers_lora"]
 
@@ -38,8 +40,6 @@ _METADATA_KEY = "lora_adapter_metadata"
 
 def _lora_model(model: nn.Module):
     """The LoraModel inside a PeftModel (or the LoraModel itself)."""
-    from .model import LoraModel
-
     inner = getattr(model, "base_model", None) if not isinstance(model, LoraModel) else model
     if not isinstance(inner, LoraModel):
         raise TypeError(
@@ -76,8 +76,7 @@ def to_diffusers(
     ``alpha_pattern``). ``prefix`` names the pipeline component (``"unet"``, ``"transformer"``); ``""`` for none.
     """
     lora_model = _lora_model(model)
-    if adapter_name not in lora_model.peft_config:
-        raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(lora_model.peft_config)}")
+    check_adapter_names([adapter_name], lora_model.peft_config)
     config = lora_model.peft_config[adapter_name]
     if config.modules_to_save:
         raise ValueError(

@@ -22,9 +22,9 @@ import torch
 from transformers import Trainer
 from transformers.utils import can_return_loss, find_labels
 
-from .checkpoint import _FileAdapter, read_weights
-from .distributed import is_sharded
-from .peft_model import PeftModel
+from ..checkpoint import FileAdapter, read_weights
+from ..distributed import is_sharded
+from ..peft_model import PeftModel
 
 #: the file transformers saves the training arguments in (``transformers.trainer.TRAINING_ARGS_NAME``)
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -116,8 +116,8 @@ def load_adapter_weights(peft_model: PeftModel, folder: str | os.PathLike) -> No
     fitted = []
     for name in lora_model.peft_config:
         tensors, source = read_weights(folder, subfolder=None if name == "default" else name)
-        fit = _FileAdapter(lora_model, name, tensors, source)
+        fit = FileAdapter(lora_model, name, tensors, source)
         fitted.append((name, fit, fit(lora_model.adapter_state(name))))  # maps and checks; changes nothing
     for name, fit, state in fitted:
-        lora_model._load_adapter_state(name, state)
+        lora_model.load_adapter_state(name, state)
         fit.place()

@@ -1,4 +1,6 @@
-"""The LoRA branch's hot paths, as plain tensor functions.
+"""Every LoRA formula, once, as plain tensor functions (no modules): the scaling, the update ``s·B@A`` as a weight
+(:func:`lora_delta`) and in factored form for merging (:func:`lora_factors`), the initialisation, and the hot paths
+of the forward:
 
 - :func:`add_lora` adds ``s · B(A(x))`` to the base output as one fused matmul-add.
 - :class:`_DroppedLora` does the same with dropout on ``x`` without keeping a dropped copy of ``x`` for backward:
@@ -10,9 +12,67 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
+
+__all__ = [
+    "lora_scaling",
+    "lora_delta",
+    "lora_factors",
+    "kaiming_uniform_",
+    "adapter_dtype",
+    "add_lora",
+    "add_dropped_lora",
+    "add_lora_rows",
+    "keep_mask",
+    "pack_bits",
+    "unpack_bits",
+]
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA: the factor the update is multiplied by."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def lora_delta(A: Tensor, B: Tensor, scaling: float, weight_shape: Sequence[int], transpose: bool = False) -> Tensor:
+    """``scaling · B @ A`` shaped like the base weight.
+
+    ``A`` is ``r × in`` (convs: ``r × in × k…``), ``B`` is ``out × r`` (convs: ``out × r × 1…``). ``transpose`` is
+    for weights stored ``in × out`` (GPT-2's Conv1D, embeddings). Computed in at least float32.
+    """
+    dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+    delta = B.flatten(1).to(dtype) @ A.flatten(1).to(dtype)
+    if transpose:
+        delta = delta.T
+    return delta.mul_(scaling).reshape(weight_shape)
+
+
+def lora_factors(A: Tensor, B: Tensor, scaling: float, transpose: bool = False) -> tuple[Tensor, Tensor, float]:
+    """``(left, right, scale)`` with ``(left @ right) · scale`` the update as a matrix in the base weight's
+    orientation (rows first), in at least float32: what merging multiplies out. A power-of-two scaling is folded
+    into the rank-sized ``B`` (the same bits as :func:`lora_delta`'s ``(B @ A) · s``, without a pass over the
+    full-size product); any other stays a separate factor, so the bits stay PEFT's."""
+    dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+    left, right = B.flatten(1).to(dtype), A.flatten(1).to(dtype)
+    if scaling != 0 and math.frexp(scaling)[0] == 0.5:  # ±2^k
+        left, scaling = left * scaling, 1.0
+    return (right.T, left.T, scaling) if transpose else (left, right, scaling)
+
+
+def kaiming_uniform_(t: Tensor) -> Tensor:
+    """``nn.init.kaiming_uniform_(t, a=sqrt(5))`` (torch's default for Linear/Conv weights): U(±1/sqrt(fan_in))."""
+    bound = 1 / math.sqrt(math.prod(t.shape[1:]))
+    return t.uniform_(-bound, bound)
+
+
+def adapter_dtype(weight: Tensor) -> torch.dtype:
+    """Adapters train in float32 on half-precision bases (PEFT's ``autocast_adapter_dtype``), else in the base's."""
+    if weight.dtype in (torch.float16, torch.bfloat16) or not weight.dtype.is_floating_point:
+        return torch.float32
+    return weight.dtype
 
 
 def add_lora(out: Tensor, h: Tensor, B: Tensor, scaling: float) -> Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # benchmarks/ lives next to tests/, not in the installed package
 
 from benchmarks.harness import Group, Stats, Target, Unsupported, interleave, per_round_ratio  # noqa: E402

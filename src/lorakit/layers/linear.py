@@ -1,0 +1,107 @@
+"""``nn.Linear`` and transformers' GPT-2 ``Conv1D``: the layer every LLM adapter targets, with the decode fast path."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import add_dropped_lora, add_lora, add_lora_rows
+from .base import LoraLayer
+from .construction import Factor
+from .rows import RowAdapters
+
+try:  # the global hooks that Module.__call__ checks (see Linear.forward)
+    from torch.nn.modules.module import (
+        _global_backward_hooks,
+        _global_backward_pre_hooks,
+        _global_forward_hooks,
+        _global_forward_pre_hooks,
+    )
+except ImportError:  # a torch that keeps them elsewhere: assume there are hooks, always call the module
+    _global_forward_hooks = _global_forward_pre_hooks = _global_backward_hooks = _global_backward_pre_hooks = {0: 0}
+_LINEAR_FORWARD = nn.Linear.forward
+
+__all__ = ["Linear", "is_conv1d"]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D`` (weight stored ``in × out``), recognised without importing transformers."""
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
+
+
+class Linear(LoraLayer):
+    """``nn.Linear`` and transformers' GPT-2 ``Conv1D`` (weight stored ``in × out``, detected by class)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        transpose = is_conv1d(base_layer)
+        in_features, out_features = base_layer.weight.shape if transpose else base_layer.weight.shape[::-1]
+        vars(self).update(transpose_delta=transpose, in_features=in_features, out_features=out_features)
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return self.transpose_delta
+
+    def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.lora_A[adapter_name] = Factor(self.in_features, r, dtype, device)
+        self.lora_B[adapter_name] = Factor(r, self.out_features, dtype, device)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """:meth:`LoraLayer.forward`, calling the base layer as ``F.linear`` where that is exactly what calling it
+        would do: a stock ``nn.Linear`` (not a subclass: quantized and parametrized layers have their own forward)
+        with no hooks of its own or global ones, no ``forward`` patched onto the instance or the class (accelerate's
+        offloading patches the instance) and its tensors registered as parameters (FSDP swaps in plain tensors).
+
+        At batch-1 decode ``Module.__call__`` costs as much as a LoRA matmul, and so does every further Python call
+        per layer (the interpreter's code and data are out of cache after each layer's weights stream through), so
+        the checks are written out here rather than in a helper.
+        """
+        base = self._modules["base_layer"]
+        params = base._parameters
+        if (
+            args or kwargs or self._rows is not None
+            or type(base) is not nn.Linear or nn.Linear.forward is not _LINEAR_FORWARD or "forward" in base.__dict__
+            or base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+            or _global_forward_hooks or _global_forward_pre_hooks
+            or _global_backward_hooks or _global_backward_pre_hooks
+            or "weight" not in params or "bias" not in params
+        ):
+            return super().forward(x, *args, **kwargs)
+        out = F.linear(x, params["weight"], params["bias"])
+        for name in self._live:
+            out = self._add_adapter_output(out, x, name)
+        return out
+
+    def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
+        A, B = self._factor_params(adapter_name)
+        if x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        p = self.dropout_p[adapter_name]
+        if p and self.training:
+            return add_dropped_lora(out, x, A, B, self.scaling[adapter_name], p)
+        return add_lora(out, F.linear(x, A), B, self.scaling[adapter_name])
+
+    def _factor_list(self, names: Sequence[str]) -> list[Tensor]:
+        """As the base class's, read in one loop without a method call per adapter: a mixed batch reads every
+        adapter's factors in every layer at every step. Factor modules hold ``weight`` in ``_parameters`` unless
+        something (a parametrization) replaced it; then the general path."""
+        A, B = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
+        try:
+            return [t for n in names for t in (A[n]._parameters["weight"], B[n]._parameters["weight"])]
+        except KeyError:
+            return super()._factor_list(names)
+
+    def _add_row_outputs(self, out: Tensor, x: Tensor, rows: RowAdapters) -> Tensor:
+        index = rows.for_batch(x.shape[0])
+        A_stack, B_stack = self._stacked_factors(rows.names)
+        if x.dtype != A_stack.dtype:
+            x = x.to(A_stack.dtype)
+        if self.training:
+            p = x.new_tensor([0.0] + [self.dropout_p.get(n, 0.0) for n in rows.names])[index]
+            if p.any():
+                p = p.view(-1, *([1] * (x.dim() - 1)))
+                x = x * torch.bernoulli((1 - p).expand_as(x)) / (1 - p)
+        return add_lora_rows(out, x, rows.rows_of(A_stack, x.shape[0]), rows.rows_of(B_stack, x.shape[0]))
