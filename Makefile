@@ -20,7 +20,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m lorakit.demo
+	OMP_NUM_THREADS=1 $(PY) -m lorakit.cli.demo
 
 # lorakit vs PEFT side by side (see benchmarks/RESULTS.md); e.g. `make bench ARGS="--threads 2"` or ARGS=--quick
 bench: $(STAMP)

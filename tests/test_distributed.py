@@ -440,7 +440,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(case, reentrant):
 # lorakit finetune under torchrun
 # ----------------------------------------------------------------------------------------------------------------
 def _finetune_member(rank: int, argv: list, rows_file: Path) -> None:
-    from lorakit import finetune
+    from lorakit.cli.finetune import train as finetune
     from lorakit.cli import main
 
     rows, original = [], finetune.answer_logits
@@ -459,7 +459,7 @@ def test_finetune_under_torchrun_equals_one_process(tmp_path, capfd):
     """Two processes with torchrun's environment run ``lorakit finetune`` as one: each trains on its share of
     every batch (one batch has a single row, so one process gets none), the adapter equals a one-process run's,
     and only rank 0 logs and writes."""
-    from test_cli import QA, make_llama, make_tokenizer
+    from cli.helpers import QA, make_llama, make_tokenizer
 
     from lorakit.cli import main
 

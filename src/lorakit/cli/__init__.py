@@ -1,4 +1,4 @@
-"""The ``lorakit`` command: ``finetune``, ``merge`` and ``inspect``.
+"""The ``lorakit`` command: ``finetune``, ``merge`` and ``inspect`` (the application layer over the library core).
 
 Mistakes the user can fix (a missing file, a bad JSONL line, an unknown module name, a number out of range, a
 model that will not load) are reported as one line, ``lorakit <command>: error: …``, with exit code 1; argparse
@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from .version import __version__
+from lorakit.version import __version__
 
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
                ValueError, KeyError, TypeError, ImportError)
@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from .distributed import torchrun_group
+    from lorakit.distributed import torchrun_group
+
     from .finetune import Settings, run
 
     fields = {f.name for f in dataclasses.fields(Settings)}
@@ -124,7 +125,7 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from .merge import merge_to_folder
+    from .merge_folder import merge_to_folder
 
     description = merge_to_folder(args.adapter, args.out, args.model, overwrite=args.overwrite)
     print(f"merged {args.adapter} into {description}\nsaved  {args.out} (load it with "
@@ -132,7 +133,7 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from .adapter_info import describe, format_table
+    from .inspect import describe, format_table
 
     info = describe(args.adapter)
     print(json.dumps(info, indent=2) if args.json else format_table(info))
@@ -157,6 +158,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":  # python -m lorakit.cli
-    sys.exit(main())

@@ -188,7 +188,7 @@ def segments(tokenizer, chat: Chat) -> list[tuple[str, bool]]:
         done = through
     full = _render(tokenizer, chat)
     if not full.startswith(done):
-        raise ValueError("the tokenizer's chat template is not prefix-consistent (see lorakit.data.segments)")
+        raise ValueError("the tokenizer's chat template is not prefix-consistent (see lorakit.cli.data.segments)")
     if full != done:
         pieces.append((full[len(done):], False))
     return pieces

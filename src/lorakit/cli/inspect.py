@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import read_weights
-from .config import read_config
-from .targeting import pattern_value
+from lorakit.checkpoint import read_weights
+from lorakit.config import read_config
+from lorakit.targeting import pattern_value
 
 _FACTOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
                      r"(?:\.[^.]+)*?(?:\.weight)?$")

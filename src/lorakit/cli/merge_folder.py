@@ -12,7 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from .config import read_config
+from lorakit.config import read_config
+from lorakit.peft_model import PeftModel
+
+from .loading import load_causal_lm
 
 
 def merge_to_folder(adapter: str | os.PathLike, out: str | os.PathLike, model: Optional[str] = None,
@@ -21,9 +24,6 @@ def merge_to_folder(adapter: str | os.PathLike, out: str | os.PathLike, model: O
 
     Returns a one-line description of the base model. The tokenizer is saved too, so the folder is complete.
     """
-    from .loading import load_causal_lm
-    from .peft_model import PeftModel
-
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"--out {out} already exists and is not empty: choose another folder or pass --overwrite")

@@ -1,0 +1,81 @@
+"""``lorakit finetune``: LoRA fine-tuning of a causal language model on chat data, on a CPU, with a report.
+
+One run: read and split the data, load the model, add LoRA, score the held-out answers, train, score again,
+save the adapter (PEFT's format), a loss curve and ``metrics.json``, then merge the adapter into the model and
+score once more (the merged model must score as the adapted one did).
+
+Two things keep it fast on a small CPU:
+
+- logits are computed only where a loss is taken (the answer tokens), not over the whole 49k-word vocabulary at
+  every position;
+- the opening that every example shares (the chat template's system prompt, say) is run once per batch instead
+  of once per row, and its keys and values are handed to the rest of the batch as a cache. The gradient flows
+  through that cache, so this is the same computation, not an approximation; a check against the plain
+  computation on real data turns it off for any model where the two disagree.
+
+Training state (adapter, optimizer, step, losses) is checkpointed atomically every ``save_every`` steps, and the
+order of batches is a pure function of the seed and the step, so ``--resume`` continues to the same weights an
+uninterrupted run reaches.
+
+The run goes in phases, one module each: :mod:`.settings` (the options and their checks), :mod:`.prepare` (data,
+model, LoRA, ``--resume``), :mod:`.score` (answer-token logits, held-out metrics, sample answers), :mod:`.train`
+(schedule, batches, the loop), :mod:`.checkpoints` (written during training, read by ``--resume``) and
+:mod:`.report` (scores after training and merging, the adapter, ``loss.png``, ``metrics.json``). :func:`run`
+chains them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional
+
+import lorakit.distributed as distributed
+
+from .checkpoints import CHECKPOINTS, LATEST, STATE_FILE, latest_checkpoint, resume_state, save_checkpoint
+from .prepare import Prepared, lora_config, prepare_run
+from .report import plot_losses, write_report
+from .score import Scores, answer_logits, answers, evaluate, prefix_sharing_works, score_held_out, shared_prefix_len
+from .settings import RUN_IDENTITY, Settings, default_out
+from .train import BatchPlan, Trained, learning_rate, train_run
+
+__all__ = [
+    "BatchPlan", "CHECKPOINTS", "LATEST", "Prepared", "RUN_IDENTITY", "STATE_FILE", "Scores", "Settings", "Trained",
+    "answer_logits", "answers", "default_out", "evaluate", "latest_checkpoint", "learning_rate", "lora_config",
+    "plot_losses", "prefix_sharing_works", "prepare_run", "resume_state", "run", "save_checkpoint", "score_held_out",
+    "shared_prefix_len", "train_run", "write_report",
+]
+
+
+def _quiet(line: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def run(settings: Settings, log: Callable[[str], None] = print,
+        on_step: Optional[Callable[[int, float], None]] = None, explicit: Optional[set[str]] = None) -> dict[str, Any]:
+    """Fine-tune as ``settings`` say; returns the metrics written to ``metrics.json``.
+
+    ``on_step(step, loss)`` is called after each optimizer step (and after its checkpoint, if one is due).
+    ``explicit`` names the settings the user gave (the CLI's case): with ``--resume`` the others are taken from
+    the run being continued. ``None`` means all were given.
+
+    In a process group (``torchrun``; the CLI joins it) each process trains on its share of every batch and
+    the gradients are summed over the processes, so the steps are those of one process on the whole batch. Rank 0
+    alone logs, writes checkpoints and files and scores the trained model; the other ranks return ``{}``.
+    """
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    settings.check()
+    rank = distributed.rank()
+    if rank:
+        log = _quiet
+    prep = prepare_run(settings, explicit, log)
+    if prep.saved is not None:
+        before = Scores(prep.saved["before"], prep.saved["before_answers"])
+        log(f"resume    from {prep.checkpoint} (step {prep.saved['step']} of {settings.steps})")
+    else:
+        before = prep.score(prep.model)
+    log(f"before    held-out perplexity {before.metrics['perplexity']:.2f}, token accuracy "
+        f"{before.metrics['token_accuracy']:.3f} ({before.metrics['tokens']} answer tokens)")
+    trained = train_run(prep, before, on_step)
+    if rank:
+        return {}
+    return write_report(prep, before, trained, log, t_start, cpu_start)
