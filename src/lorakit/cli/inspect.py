@@ -17,6 +17,7 @@ import torch
 
 from lorakit.checkpoint import read_weights
 from lorakit.config import read_config
+from lorakit.ops import lora_scaling
 from lorakit.targeting import pattern_value
 
 _FACTOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
@@ -56,7 +57,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         A, B = factors["lora_A"], factors["lora_B"]
         rank = A.shape[0]
         alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
-        scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        scaling = lora_scaling(alpha, rank, config.use_rslora)
         modules.append({
             "module": name,
             "rank": int(rank),
