@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from .config_fields import (
+    check_file_fields,
     check_init_lora_weights,
     check_unknown_fields,
     check_unsupported_fields,
@@ -265,6 +266,7 @@ def read_config(model_id, subfolder: Optional[str] = None, revision: Optional[st
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     try:
+        check_file_fields(data)
         return LoraConfig.from_dict(data)
     except (ValueError, TypeError) as e:
         raise type(e)(f"{path}: {e}") from None

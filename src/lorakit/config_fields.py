@@ -24,6 +24,7 @@ __all__ = [
     "check_init_lora_weights",
     "check_unsupported_fields",
     "check_unknown_fields",
+    "check_file_fields",
     "rewrites_base",
 ]
 
@@ -132,4 +133,18 @@ def check_unknown_fields(unknown: dict[str, Any]) -> None:
             "adapter config fields unknown to lorakit (written by a newer PEFT?) are set: "
             + ", ".join(f"{k}={v!r}" for k, v in sorted(meaningful.items()))
             + "; they may change the adapter's outputs, so the config is refused"
+        )
+
+
+def check_file_fields(data: dict[str, Any]) -> None:
+    """What only a file can tell: an adapter trained with ``init_lora_weights="pissa_niter_<k>"`` by PEFT (no
+    ``lorakit_version``) trained on a residual drawn from PEFT's unseeded global RNG, which no load can rebuild (PEFT
+    itself loads it on another residual); it is refused. lorakit's own draws are seeded, so its files load exactly."""
+    init = data.get("init_lora_weights")
+    if isinstance(init, str) and _PISSA_NITER.fullmatch(init) and "lorakit_version" not in data:
+        raise UnsupportedFieldError(
+            f"init_lora_weights={init!r} in a file not written by lorakit: PEFT drew that randomized SVD from its "
+            "unseeded global RNG, so the residual base weights the adapter was trained on cannot be rebuilt (PEFT's "
+            "own reload differs too). Convert it in PEFT to a plain LoRA (save_pretrained with "
+            "path_initial_model_for_weight_conversion) and load that"
         )
