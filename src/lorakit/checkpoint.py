@@ -137,6 +137,21 @@ def save_adapters(
         (out / stale).unlink(missing_ok=True)
 
 
+def adapter_file_tensors(lora_model, adapter_name: str, save_embedding_layers: bool | str = "auto",
+                         state_dict: Optional[Mapping[str, Tensor]] = None) -> dict[str, Tensor]:
+    """One adapter's tensors keyed as its PEFT file keys them (``base_model.model.`` + PEFT key): what
+    ``save_pretrained`` writes for it, and what :func:`lorakit.get_peft_model_state_dict` returns. ``state_dict``
+    (keyed as ``PeftModel.state_dict()``): take the values from there (shapes checked)."""
+    if save_embedding_layers not in ("auto", True, False):
+        raise ValueError(f"save_embedding_layers={save_embedding_layers!r} is invalid: expected 'auto', True or False")
+    config = lora_model.peft_config[adapter_name]
+    tensors = {PEFT_PREFIX + k: v for k, v in lora_model.adapter_state(adapter_name).items()}
+    tensors.update(_embedding_tensors(lora_model, config, adapter_name, save_embedding_layers))
+    if state_dict is not None:
+        tensors = _taken_from(state_dict, tensors)
+    return to_peft(strip_peft_prefix(tensors), adapter_name)
+
+
 def _taken_from(state_dict: Mapping[str, Tensor], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """The entries of ``state_dict`` named like ``tensors``, each checked for shape."""
     missing = [k for k in tensors if k not in state_dict]
@@ -175,6 +190,9 @@ def _selected_adapters(lora_model, selected: Optional[Sequence[str]]) -> list[st
 def _config_json(lora_model, config: LoraConfig, adapter_name: str) -> str:
     """The config as saved: every field, in inference mode, with the GPT-2 flag PEFT would set and our version."""
     extra = {"peft_type": "LORA", "inference_mode": True, "lorakit_version": __version__}
+    if config.task_type is None:  # PEFT's AutoPeftModel finds the base model's class here
+        base = type(lora_model.model)
+        extra["auto_mapping"] = {"base_model_class": base.__name__, "parent_library": base.__module__}
     # lorakit detects GPT-2's Conv1D by class; PEFT readers expect the flag in the file.
     if any(isinstance(layer, LoraLinear) and layer.transpose_delta and adapter_name in layer.r
            for _, layer in lora_model.lora_layers()):

@@ -102,8 +102,29 @@ def _check_alpha(field_name: str, value: Any) -> None:
         raise _bad(field_name, value, "a real number", TypeError)
 
 
+class PeftConfig:
+    """PEFT's base config class. lorakit implements LoRA only, so ``PeftConfig.from_pretrained`` reads an
+    ``adapter_config.json`` as a :class:`LoraConfig` (any other ``peft_type`` is refused), and
+    ``isinstance(config, PeftConfig)`` holds for every LoraConfig."""
+
+    is_prompt_learning = False
+    is_adaption_prompt = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None,
+                        **kwargs: Any) -> "LoraConfig":
+        """The config in ``adapter_config.json`` of a folder (or a Hub repo id, through huggingface_hub)."""
+        return read_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike) -> dict[str, Any]:
+        """The JSON object in ``path_json_file`` as a dict (PEFT's method of the same name)."""
+        with open(path_json_file, encoding="utf-8") as f:
+            return json.load(f)
+
+
 @dataclass
-class LoraConfig:
+class LoraConfig(PeftConfig):
     """Configuration of one LoRA adapter; PEFT's field names, defaults and meanings (see SPEC.md)."""
 
     r: int = 8
@@ -237,11 +258,6 @@ class LoraConfig:
 
         os.makedirs(save_directory, exist_ok=True)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), config_json(self, **extra))
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, subfolder: Optional[str] = None, **kwargs: Any) -> "LoraConfig":
-        """Read ``adapter_config.json`` from a folder (or a Hub repo id, through huggingface_hub)."""
-        return read_config(path, subfolder=subfolder, **kwargs)
 
 
 def config_json(config: LoraConfig, **extra: Any) -> str:
