@@ -184,3 +184,12 @@ def test_peft_file_with_unsupported_value_is_refused_naming_the_field(tmp_path, 
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing changed
     with pytest.raises((ValueError, NotImplementedError), match=f"{field}="):
         lorakit.LoraConfig(**kw)  # and at config build
+
+
+def test_readme_table_names_every_peft_field():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## PEFT LoraConfig fields", 1)[1].split("\n## ", 1)[0]
+    missing = [f.name for f in dataclasses.fields(peft.LoraConfig) if f"`{f.name}`" not in section]
+    assert missing == [] or missing == ["peft_type"], missing
