@@ -192,7 +192,7 @@ class LoraConfig(PeftConfig):
                 raise _bad("task_type", self.task_type, f"None or one of {TASK_TYPES}")
             self.task_type = str(task)
 
-        for name, value in vars(self).items():  # PEFT's sub-config objects (LoftQConfig, ...) as their JSON dicts
+        for name, value in list(vars(self).items()):  # PEFT's sub-config objects (LoftQConfig, ...) as their JSON dicts
             if dataclasses.is_dataclass(value) and not isinstance(value, type):
                 setattr(self, name, dataclasses.asdict(value))
         check_unsupported_fields(vars(self))

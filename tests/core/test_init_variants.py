@@ -215,3 +215,32 @@ def test_olora_on_conv1d_and_odd_orthogonal_rank_are_refused():
     with pytest.raises(ValueError, match="even rank"):
         lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=3, target_modules=TARGETS,
                                                                 init_lora_weights="orthogonal"))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_peft_trained_file_loaded_here_converts_to_a_plain_lora_equal_to_peft_s_model(tmp_path, init):
+    """lorakit rebuilds the initial factors on load (the same SVD/QR), so a PEFT-trained PiSSA/OLoRA file converts
+    here; the converted file on the untouched base gives PEFT's trained outputs, in PEFT and in lorakit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trained = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=TARGETS,
+                                                                    init_lora_weights=init))
+        ids = token_ids()
+        train_a_little(trained, ids)
+        expected = logits(trained, ids)
+        trained.save_pretrained(tmp_path / "pissa")
+        ours = lorakit.PeftModel.from_pretrained(tiny_llama(), tmp_path / "pissa")
+        torch.testing.assert_close(logits(ours, ids), expected, atol=1e-5, rtol=0)
+        ours.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=tmp_path / "init")
+        in_peft = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora").eval()
+    torch.testing.assert_close(logits(in_peft, ids), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(lorakit.PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora"), ids),
+                               expected, atol=1e-5, rtol=0)
+
+
+def test_embeddings_take_the_default_init_so_another_adapter_there_is_fine():
+    model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=["embed_tokens"]))
+    model.add_adapter("p", lorakit.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"],
+                                              init_lora_weights="pissa"))
+    layer = model.get_base_model().model.embed_tokens
+    assert layer.base_rewrite is None and sorted(layer.r) == ["default", "p"]

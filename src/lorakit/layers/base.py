@@ -89,7 +89,7 @@ class LoraLayer(nn.Module):
         """Add (or replace) the adapter ``adapter_name`` with rank ``r``; its weights follow ``init_lora_weights``."""
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"rank r={r!r} for adapter {adapter_name!r} is invalid: expected a positive int")
-        check_base_rewrite(self, adapter_name, init_lora_weights)
+        check_base_rewrite(self, adapter_name)
         weight = self.base_layer.weight
         device = weight.device if weight.device.type != "meta" else torch.device("cpu")
         self._create_factors(adapter_name, r, dtype=adapter_dtype(weight), device=device)

@@ -99,12 +99,10 @@ def olora_factors(W: Tensor, r: int) -> tuple[Tensor, Tensor]:
     return R[:r].contiguous(), Q[:, :r].contiguous()
 
 
-def check_base_rewrite(layer, adapter_name: str, init) -> None:
-    """Refuse what would mix an adapter with a base it was not trained on: any adapter on a layer whose base a
-    PiSSA/OLoRA adapter rewrote, and a PiSSA/OLoRA adapter on a layer that has other adapters already."""
+def check_base_rewrite(layer, adapter_name: str) -> None:
+    """Refuse any other adapter on a layer whose base weight a PiSSA/OLoRA adapter rewrote: it would train on (or
+    be applied to) the residual instead of the base model."""
     rewrite = getattr(layer, "base_rewrite", None)
-    if rewrite is not None and rewrite.adapter_name == adapter_name and _rewrites(init):
-        raise ValueError(f"adapter {adapter_name!r} already rewrote this layer's base weight ({rewrite.init!r})")
     if rewrite is not None and rewrite.adapter_name != adapter_name:
         raise ValueError(
             f"adapter {rewrite.adapter_name!r} (init_lora_weights={rewrite.init!r}) rewrote the base weight of "
@@ -112,16 +110,20 @@ def check_base_rewrite(layer, adapter_name: str, init) -> None:
             "model. Convert it to a plain LoRA (save_pretrained(path_initial_model_for_weight_conversion=...)) or "
             "delete it first"
         )
+
+
+def _check_can_rewrite(layer, adapter_name: str, init: str) -> None:
+    """A PiSSA/OLoRA adapter may rewrite the base weight only of a layer with no other adapter (they were trained
+    on that weight), and only once."""
+    if getattr(layer, "base_rewrite", None) is not None:
+        raise ValueError(f"adapter {layer.base_rewrite.adapter_name!r} already rewrote this layer's base weight "
+                         f"({layer.base_rewrite.init!r})")
     others = [n for n in layer.r if n != adapter_name]
-    if _rewrites(init) and others:
+    if others:
         raise ValueError(
             f"init_lora_weights={init!r} for adapter {adapter_name!r} rewrites the base weight, which adapters "
             f"{others} on the same layer were trained on; put it on a fresh model"
         )
-
-
-def _rewrites(init) -> bool:
-    return isinstance(init, str) and (init in ("pissa", "olora") or bool(_NITER.fullmatch(init)))
 
 
 def initialize(layer, adapter_name: str, init: str) -> None:
@@ -133,6 +135,7 @@ def initialize(layer, adapter_name: str, init: str) -> None:
     if init == "orthogonal":
         A0, B0 = orthogonal_factors(r, layer.in_features, layer.out_features)
     else:
+        _check_can_rewrite(layer, adapter_name, init)
         if init == "olora" and layer.transpose_delta:
             raise ValueError("init_lora_weights='olora' is not supported on GPT-2's Conv1D (fan_in_fan_out) layers")
         weight = layer.base_layer.weight
