@@ -53,32 +53,25 @@ METADATA_FIELDS = ("peft_version", "lorakit_version", "auto_mapping", "runtime_c
 # PEFT fields lorakit stores but does not implement: the values at which they change nothing, and why any other is
 # refused. ``None``/``False``/``{}``/``[]`` in a tuple are compared by equality.
 UNSUPPORTED_FIELDS: dict[str, tuple[tuple, str]] = {
-    "use_dora": ((False,), "DoRA (weight-decomposed LoRA) is not implemented yet"),
-    "lora_bias": ((False,), "a trainable bias on lora_B is not implemented yet"),
+    "use_dora": ((False, None), "DoRA (weight-decomposed LoRA) is not implemented yet"),
+    "lora_bias": ((False, None), "a trainable bias on lora_B is not implemented yet"),
     "target_parameters": ((None, []), "LoRA on bare nn.Parameters (e.g. MoE experts) is not implemented yet"),
     "trainable_token_indices": ((None, {}, []), "training selected embedding rows is not implemented yet"),
     "alora_invocation_tokens": ((None,), "Activated LoRA changes which tokens the adapter acts on"),
     "layer_replication": ((None, []), "layer replication changes the base model's layer stack"),
     "megatron_config": ((None,), "Megatron parallel linear layers are not supported"),
-    "use_qalora": ((False,), "QA-LoRA (GPTQ input pooling) is not supported"),
+    "use_qalora": ((False, None), "QA-LoRA (GPTQ input pooling) is not supported"),
     "velora_config": ((None,), "VeLoRA's compressed backward is not supported"),
     "monteclora_config": ((None,), "MonteCLoRA's sampled weights are not supported"),
     "use_bdlora": ((None, False), "block-diagonal LoRA (BD-LoRA) is not supported"),
     "arrow_config": ((None,), "Arrow routing between adapters is not supported"),
     "kasa_config": ((None,), "KaSA truncates the base weight and adds a singular-value diagonal"),
-    "ensure_weight_tying": ((False,), "tying adapters of tied embeddings/heads is not supported"),
+    "ensure_weight_tying": ((False, None), "tying adapters of tied embeddings/heads is not supported"),
 }
 
-# Fields that PEFT reads only together with another setting, and ignores otherwise (as lorakit does): the companion
-# setting is refused above, so any value of these is harmless.
-IGNORED_WITHOUT = {
-    "megatron_core": "megatron_config",
-    "qalora_group_size": "use_qalora",
-    "loftq_config": "init_lora_weights='loftq'",
-    "eva_config": "init_lora_weights='eva'",
-    "corda_config": "init_lora_weights='corda'",
-    "lora_ga_config": "init_lora_weights='lora_ga'",
-}
+# Fields PEFT reads only together with another setting and ignores otherwise, as lorakit does: megatron_core
+# (with megatron_config), qalora_group_size (use_qalora), loftq_config / eva_config / corda_config / lora_ga_config
+# (init_lora_weights="loftq"/"eva"/"corda"/"lora_ga"). Those settings are refused, so any value of these is harmless.
 
 
 def _is_off(value: Any, off: tuple) -> bool:
