@@ -74,3 +74,11 @@ def test_dict_round_trip_and_unknown_fields_refused_unless_empty():
     assert LoraConfig.from_dict(data).r == 4
     with pytest.raises(ValueError, match="some_future_field=3"):
         LoraConfig.from_dict(data | {"some_future_field": 3})
+
+
+def test_json_shape_is_peft_s():
+    """to_dict has PEFT's keys (runtime_config is left out of the file by both) and PEFT reads it back."""
+    ours = LoraConfig(target_modules=["q"], r=4).to_dict()
+    assert set(ours) == set(peft.LoraConfig(target_modules=["q"]).to_dict())
+    theirs = peft.LoraConfig(**{k: v for k, v in ours.items() if k != "peft_type"})
+    assert theirs.r == 4 and theirs.target_modules == {"q"}
