@@ -19,7 +19,7 @@ from .config import LoraConfig
 from .exact_merge import Scratch
 from .keys import LORA_PREFIX, adapter_key_pattern, check_adapter_names, is_adapter_key
 from .layers import LoraLayer, is_linear, lora_layer_for
-from .mixed_batch import BASE, batch_size, mixed_batch
+from .mixed_batch import BASE, mixed_batch
 from .modules_to_save import ModulesToSaveWrapper
 from .targeting import modules_to_save_names, select_targets
 from .walk import base_of, head_names, leaf_parameters, merged_names, parent_and_child, walk
@@ -43,12 +43,12 @@ class LoraModel(nn.Module):
 
     # -- pass-through ---------------------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
-        with mixed_batch(self, adapter_names, batch_size(args, kwargs)):
+        with mixed_batch(self, adapter_names):
             return self.model(*args, **kwargs)
 
-    def mixed_batch(self, adapter_names: Optional[Sequence[str]], rows_in_batch: Optional[int] = None):
+    def mixed_batch(self, adapter_names: Optional[Sequence[str]], prompts: Optional[int] = None):
         """Context: batch row ``n`` runs adapter ``adapter_names[n]`` (see :mod:`lorakit.mixed_batch`)."""
-        return mixed_batch(self, adapter_names, rows_in_batch)
+        return mixed_batch(self, adapter_names, prompts)
 
     def __getattr__(self, name: str):
         try:

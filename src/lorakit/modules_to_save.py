@@ -60,13 +60,21 @@ class ModulesToSaveWrapper(nn.Module):
             self.active_adapter = None
 
     def forward(self, *args, **kwargs):
-        if self._rows is not None and args and torch.is_tensor(args[0]):
+        if self._rows is not None:
+            if not (args and torch.is_tensor(args[0])):
+                raise ValueError(
+                    f"a mixed batch (adapter_names=…) needs the input of modules_to_save module "
+                    f"{type(self.original_module).__name__} as its first positional argument, to route its rows"
+                )
             return self._forward_rows(*args, **kwargs)
         return self.active_module(*args, **kwargs)
 
     def _forward_rows(self, x, *args, **kwargs):
-        """Mixed batch: each group of rows through its adapter's copy (or the original), then back in order."""
+        """Mixed batch: each group of rows through its adapter's copy (or the original), then back in order; the
+        original for every row while adapters are disabled."""
         index = self._rows.for_batch(x.shape[0])
+        if self.disable_adapters:
+            return self.original_module(x, *args, **kwargs)
         pieces, order = [], []
         for i, name in enumerate((None, *self._rows.names)):
             picked = (index == i).nonzero().squeeze(1)

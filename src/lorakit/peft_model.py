@@ -16,7 +16,7 @@ from torch import nn
 
 from .checkpoint import FileAdapter, check_same_scaling, load_options, read_weights, save_adapters
 from .config import LoraConfig, read_config
-from .mixed_batch import batch_size
+from .mixed_batch import prompt_count
 from .model import LoraModel
 from .walk import activation_checkpointing
 
@@ -62,8 +62,10 @@ class PeftModel(nn.Module):
     def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any):
         """The base model's ``generate``; with ``adapter_names`` each prompt keeps its adapter through every step
         (beams and returned sequences inherit their prompt's adapter)."""
-        with self.base_model.mixed_batch(adapter_names, batch_size(args, kwargs)):
-            return self.get_base_model().generate(*args, **kwargs)
+        model = self.get_base_model()
+        prompts = None if adapter_names is None else prompt_count(model, args, kwargs)
+        with self.base_model.mixed_batch(adapter_names, prompts):
+            return model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:

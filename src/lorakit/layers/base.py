@@ -147,7 +147,10 @@ class LoraLayer(nn.Module):
         out = self._modules["base_layer"](x, *args, **kwargs)  # not self.base_layer: a Python-level lookup
         if self._rows is not None:
             rows = self._rows
-            return out if self.r.keys().isdisjoint(rows.names) else self._add_row_outputs(out, x, rows)
+            rows.for_batch(x.shape[0])  # every layer checks the rows it receives, even where it adds nothing
+            if self.disable_adapters or self.r.keys().isdisjoint(rows.names):
+                return out
+            return self._add_row_outputs(out, x, rows)
         for name in self._live:
             out = self._add_adapter_output(out, x, name)
         return out
