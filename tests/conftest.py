@@ -98,8 +98,8 @@ class PeftTestMLP(nn.Module):
         self.lin1 = nn.Linear(20, 2, bias=bias)
         self.sm = nn.LogSoftmax(dim=-1)
 
-    def forward(self, X):
-        return self.sm(self.lin1(self.drop(self.relu(self.lin0(X.float())))))
+    def forward(self, X):  # PEFT's casts X to float32; here to the weights' dtype, so half-precision copies run
+        return self.sm(self.lin1(self.drop(self.relu(self.lin0(X.to(self.lin0.weight.dtype))))))
 
 
 def peft_test_mlp(dtype=torch.float32):

@@ -43,8 +43,8 @@ PICKLE_NAME = "adapter_model.bin"
 #: PEFT's names for embedding layers: targeting one makes ``save_embedding_layers="auto"`` save the base weights
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
-# Keyword arguments of from_pretrained / load_adapter besides the Hub's: ours, and PEFT's that change nothing here
-# (adapter tensors always follow their base layer's device; adapters on half-precision bases are float32).
+# Keyword arguments of from_pretrained / load_adapter besides the Hub's: ours, and PEFT's (those that change nothing
+# here: adapter tensors always follow their base layer's device).
 _LOAD_OPTIONS = {"allow_pickle": False, "low_cpu_mem_usage": None, "torch_device": None, "autocast_adapter_dtype": True}
 
 
@@ -278,21 +278,20 @@ def _vocab_resized(model: nn.Module, config: LoraConfig) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
-def load_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def load_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
+    """``(Hub keyword arguments, allow_pickle, autocast_adapter_dtype)`` of a from_pretrained/load_adapter call."""
     unknown = sorted(set(kwargs) - set(HUB_KWARGS) - set(_LOAD_OPTIONS))
     if unknown:
         raise TypeError(
             f"unexpected keyword arguments {unknown}; accepted: {sorted(_LOAD_OPTIONS)} and the Hub's "
             f"{list(HUB_KWARGS)}"
         )
-    if kwargs.get("autocast_adapter_dtype", True) is not True:
-        raise ValueError(
-            "autocast_adapter_dtype=False is not supported: lorakit keeps adapters of fp16/bf16 bases in float32"
-        )
-    allow_pickle = kwargs.get("allow_pickle", False)
-    if not isinstance(allow_pickle, bool):
-        raise TypeError(f"allow_pickle must be a bool, got {allow_pickle!r}")
-    return {k: v for k, v in kwargs.items() if k in HUB_KWARGS}, allow_pickle
+    flags = {k: kwargs.get(k, _LOAD_OPTIONS[k]) for k in ("allow_pickle", "autocast_adapter_dtype")}
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+    hub = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
+    return hub, flags["allow_pickle"], flags["autocast_adapter_dtype"]
 
 
 def read_weights(

@@ -32,14 +32,15 @@ class LoraModel(nn.Module):
 
     prefix = LORA_PREFIX
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         self.model = model
         self.training = model.training
         self.peft_config: dict[str, LoraConfig] = {}
         self._requires_grad_before: dict[str, bool] = {n: p.requires_grad for n, p in model.named_parameters()}
         self.active_adapters: list[str] = [adapter_name]
-        self.inject_adapter(config, adapter_name)
+        self.inject_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
     # -- pass-through ---------------------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
@@ -76,7 +77,8 @@ class LoraModel(nn.Module):
 
     # -- adding adapters --------------------------------------------------------------------------------------------
     def inject_adapter(
-        self, config: LoraConfig, adapter_name: str, state_dict: Optional[dict[str, Tensor]] = None
+        self, config: LoraConfig, adapter_name: str, state_dict: Optional[dict[str, Tensor]] = None,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
         """Add ``adapter_name`` to every module ``config`` targets; on any error the model is left as it was.
 
@@ -84,7 +86,11 @@ class LoraModel(nn.Module):
         them exactly (no missing or unexpected keys, same shapes), else ``ValueError`` and nothing changes.
         It may also be a callable that gets the adapter's expected tensors ``{key: tensor}`` and returns that dict:
         file formats (lorakit.convert) can only map their keys once the adapter's layers exist.
+        ``autocast_adapter_dtype`` (PEFT's): True keeps the factors of half-precision layers in float32; False
+        stores them in each base layer's dtype.
         """
+        if not isinstance(autocast_adapter_dtype, bool):
+            raise TypeError(f"autocast_adapter_dtype must be a bool, got {autocast_adapter_dtype!r}")
         if not isinstance(config, LoraConfig):
             raise TypeError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
@@ -134,6 +140,8 @@ class LoraModel(nn.Module):
                 module.update_layer(  # trainable only if active: the cost does not grow with the adapter count
                     adapter_name, t.r, t.alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora
                 )
+                if not autocast_adapter_dtype:
+                    module.keep_base_dtype(adapter_name)
             for name in save_names:
                 module = self.model.get_submodule(name)
                 if isinstance(module, ModulesToSaveWrapper):

@@ -41,12 +41,13 @@ class PeftModel(nn.Module):
     #: modules a task type trains in full besides the adapters (PEFT's choice per task)
     task_modules_to_save: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs: Any):
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
         super().__init__()
         config = prepare_config(model, peft_config, self.task_modules_to_save)
         # asked before injecting: the answer is the same, and transformers' check visits every module
         checkpointing = hasattr(model, "enable_input_require_grads") and activation_checkpointing(model)
-        self.base_model = LoraModel(model, config, adapter_name)
+        self.base_model = LoraModel(model, config, adapter_name, autocast_adapter_dtype)
         self.training = model.training
         if checkpointing:
             # Reentrant checkpointing gives a block no gradient unless its input needs one; the frozen embeddings'
@@ -91,10 +92,13 @@ class PeftModel(nn.Module):
     def active_adapters(self) -> list[str]:
         return list(self.base_model.active_adapters)
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add a new adapter (inactive until :meth:`set_adapter`)."""
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a new adapter (inactive and frozen until :meth:`set_adapter`). ``autocast_adapter_dtype=False``
+        keeps its factors in each base layer's dtype (float16/bfloat16 instead of float32 on half-precision
+        layers)."""
         config = prepare_config(self.get_base_model(), peft_config, self.task_modules_to_save)
-        self.base_model.inject_adapter(config, adapter_name)
+        self.base_model.inject_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         self.base_model.set_adapter(adapter_name)
@@ -175,7 +179,7 @@ class PeftModel(nn.Module):
             raise TypeError("model is a PeftModel already; use its load_adapter() to add another adapter")
         if not isinstance(is_trainable, bool):
             raise TypeError(f"is_trainable must be a bool, got {is_trainable!r}")
-        hub, allow_pickle = load_options(kwargs)
+        hub, allow_pickle, autocast = load_options(kwargs)
         if config is None:
             config = read_config(model_id, subfolder, revision, **hub)
         elif not isinstance(config, LoraConfig):
@@ -186,7 +190,7 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         if cls is PeftModel:
             cls = peft_model_class(config.task_type)
-        peft_model = cls(model, config, adapter_name)  # on error the model is left as it was
+        peft_model = cls(model, config, adapter_name, autocast)  # on error the model is left as it was
         fit = FileAdapter(peft_model.base_model, adapter_name, tensors, source)
         try:
             peft_model.base_model.load_adapter_state(adapter_name, fit)
@@ -212,7 +216,7 @@ class PeftModel(nn.Module):
         on), provided the file's ranks and scalings are the adapter's. Any error leaves the model as it was."""
         if not isinstance(is_trainable, bool):
             raise TypeError(f"is_trainable must be a bool, got {is_trainable!r}")
-        hub, allow_pickle = load_options(kwargs)
+        hub, allow_pickle, autocast = load_options(kwargs)
         lora_model = self.base_model
         config = read_config(model_id, subfolder, revision, **hub)
         tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, **hub)
@@ -225,7 +229,7 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         config = prepare_config(self.get_base_model(), config, self.task_modules_to_save)
         fit = FileAdapter(lora_model, adapter_name, tensors, source)
-        lora_model.inject_adapter(config, adapter_name, state_dict=fit)
+        lora_model.inject_adapter(config, adapter_name, state_dict=fit, autocast_adapter_dtype=autocast)
         try:
             fit.place()
         except BaseException:
@@ -328,4 +332,5 @@ def get_peft_model(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if mixed:
         raise ValueError("mixed=True (PEFT's mixed adapter types) is not supported: lorakit implements LoRA only")
-    return peft_model_class(getattr(peft_config, "task_type", None))(model, peft_config, adapter_name)
+    cls = peft_model_class(getattr(peft_config, "task_type", None))
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype)

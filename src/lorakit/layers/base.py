@@ -105,6 +105,17 @@ class LoraLayer(nn.Module):
             p.requires_grad_(trainable)
         self._refresh()
 
+    def keep_base_dtype(self, adapter_name: str) -> None:
+        """Store one adapter's factors in the base weight's dtype (PEFT's ``autocast_adapter_dtype=False``): on a
+        half-precision base they are float16/bfloat16 instead of float32. The parameters stay the same objects."""
+        dtype = self.base_layer.weight.dtype
+        if not dtype.is_floating_point:
+            return
+        with torch.no_grad():
+            for p in self._adapter_parameters(adapter_name):
+                p.data = p.data.to(dtype)
+        self._stack_cache = None
+
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
         """PEFT's initialisations: ``True`` kaiming-uniform A and zero B; ``"gaussian"`` normal A (std 1/r) and
         zero B; ``False`` both kaiming-uniform (a non-zero adapter, for tests). Factors are created uninitialised,
