@@ -40,6 +40,7 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self._requires_grad_before: dict[str, bool] = {n: p.requires_grad for n, p in model.named_parameters()}
         self.active_adapters: list[str] = [adapter_name]
+        self._thaw_on_enable: Optional[list[nn.Parameter]] = None  # what trained before disable_adapter_layers()
         self.inject_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
     # -- pass-through ---------------------------------------------------------------------------------------------
@@ -78,7 +79,7 @@ class LoraModel(nn.Module):
     # -- adding adapters --------------------------------------------------------------------------------------------
     def inject_adapter(
         self, config: LoraConfig, adapter_name: str, state_dict: Optional[dict[str, Tensor]] = None,
-        autocast_adapter_dtype: bool = True,
+        autocast_adapter_dtype: bool = True, *, shares_biases_with: Sequence[str] = (),
     ) -> None:
         """Add ``adapter_name`` to every module ``config`` targets; on any error the model is left as it was.
 
@@ -87,7 +88,9 @@ class LoraModel(nn.Module):
         It may also be a callable that gets the adapter's expected tensors ``{key: tensor}`` and returns that dict:
         file formats (lorakit.convert) can only map their keys once the adapter's layers exist.
         ``autocast_adapter_dtype`` (PEFT's): True keeps the factors of half-precision layers in float32; False
-        stores them in each base layer's dtype.
+        stores them in each base layer's dtype. Only one adapter may train the base model's (shared) biases, as in
+        PEFT; ``shares_biases_with`` names adapters whose trained biases this one takes over rather than trains
+        anew (``add_weighted_adapter``'s sources).
         """
         if not isinstance(autocast_adapter_dtype, bool):
             raise TypeError(f"autocast_adapter_dtype must be a bool, got {autocast_adapter_dtype!r}")
@@ -101,6 +104,14 @@ class LoraModel(nn.Module):
             raise ValueError(
                 f"adapter_name={adapter_name!r} is reserved (it is {BASE!r}, starts with {LORA_PREFIX!r}, or is an "
                 "nn.Module attribute such as 'double' or 'to'); pick another name"
+            )
+
+        with_bias = [n for n, c in self.peft_config.items() if c.bias != "none" and n not in shares_biases_with]
+        if config.bias != "none" and with_bias:
+            raise ValueError(
+                f"adapter {adapter_name!r} has bias={config.bias!r}, and adapter {with_bias[0]!r} trains biases "
+                "already: the base model's biases are shared, so only one adapter may train them (as in PEFT); "
+                "give the new adapter bias='none'"
             )
 
         # One walk over the model: names, and which are linear (for "all-linear"), not entering our own layers.
@@ -142,18 +153,18 @@ class LoraModel(nn.Module):
                 )
                 if not autocast_adapter_dtype:
                     module.keep_base_dtype(adapter_name)
+            active = adapter_name in self.active_adapters  # the first adapter; later ones start inactive, frozen
             for name in save_names:
                 module = self.model.get_submodule(name)
                 if isinstance(module, ModulesToSaveWrapper):
                     updated.append(module)
-                    module.update(adapter_name, trainable=adapter_name in self.active_adapters)
+                    module.update(adapter_name, trainable=active)  # the other adapters' copies stay as they are
                 else:
                     wrapper = ModulesToSaveWrapper(module, adapter_name)
                     parent, child = parent_and_child(self.model, name)
                     setattr(parent, child, wrapper)
                     created.append((name, module))
-                    module = wrapper
-                module.set_adapter(self.active_adapters)
+                    wrapper.set_adapter([adapter_name] if active else [])
             self.peft_config[adapter_name] = config
             if state_dict is not None:
                 self.load_adapter_state(adapter_name, state_dict)
@@ -165,8 +176,8 @@ class LoraModel(nn.Module):
                 parent, child = parent_and_child(self.model, name)
                 setattr(parent, child, original)
             raise
-        if adapter_name in self.active_adapters:
-            self._mark_trainable()  # the first adapter: freeze the base, apply the bias choice
+        if adapter_name in self.active_adapters:  # the first adapter: freeze the base, apply the bias choice
+            self._mark_trainable(inference_mode=config.inference_mode)
 
     def adapter_state(self, adapter_name: str) -> dict[str, Tensor]:
         """The tensors that make up one adapter, keyed by their path in ``self.model`` (adapter name included):
@@ -230,20 +241,16 @@ class LoraModel(nn.Module):
             else:  # the walk visits its children
                 yield from ((f"{name}.{k}" if name else k, p) for k, p in module._parameters.items() if p is not None)
 
-    def _mark_trainable(self) -> None:
-        """Only the active adapters (and the bias choice, and modules_to_save copies) train."""
+    def _mark_trainable(self, inference_mode: bool = False) -> None:
+        """PEFT's ``set_adapter`` rule: the active adapters train (unless ``inference_mode``), with the biases their
+        ``bias`` setting names; every other adapter and the rest of the model are frozen."""
         for name, p in self._base_parameters():
             if not is_adapter_key(name):
                 p.requires_grad_(False)
         for module in self.adapter_modules():
-            module.set_adapter(self.active_adapters)
-        for adapter in self.active_adapters:
+            module.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        for adapter in [] if inference_mode else self.active_adapters:
             config = self.peft_config[adapter]
-            if config.inference_mode:
-                for module in self.adapter_modules():
-                    for n, p in module.named_parameters():
-                        if f".{adapter}." in f".{n}." and "original_module" not in n:
-                            p.requires_grad_(False)
             if config.bias == "all":
                 for n, p in self.model.named_parameters():
                     if "bias" in n and "original_module" not in n:
@@ -254,35 +261,65 @@ class LoraModel(nn.Module):
                         layer.base_layer.bias.requires_grad_(True)
 
     # -- switching ----------------------------------------------------------------------------------------------------
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Activate one adapter (or several, whose updates add up); only active adapters train."""
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Activate one adapter (or several, whose updates add up). As in PEFT, the active adapters become
+        trainable unless ``inference_mode``, and all others frozen."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         check_adapter_names(names, self.peft_config)
+        for module in self.adapter_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.check_active(names)  # before anything changes
         self.active_adapters = names
-        self._mark_trainable()
+        self._mark_trainable(inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn training of the named adapters (active or not) on or off: their LoRA factors and modules_to_save
+        copies (PEFT's ``set_requires_grad``)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        check_adapter_names(names, self.peft_config)
+        if not isinstance(requires_grad, bool):
+            raise TypeError(f"requires_grad must be a bool, got {requires_grad!r}")
+        for module in self.adapter_modules():
+            module.set_requires_grad(names, requires_grad)
 
     def _set_adapters_enabled(self, enabled: bool) -> None:
         for module in self.adapter_modules():
             module.enable_adapters(enabled)
+        if not enabled and self._thaw_on_enable is None:
+            # PEFT freezes the adapters while they are disabled; lorakit gives back exactly what trained before
+            self._thaw_on_enable = [
+                p for module in self.adapter_modules() for n, p in module.named_parameters()
+                if p.requires_grad and not n.startswith(("base_layer.", "original_module."))
+            ]
+            for p in self._thaw_on_enable:
+                p.requires_grad_(False)
+        elif enabled:
+            for p in self._thaw_on_enable or ():
+                p.requires_grad_(True)
+            self._thaw_on_enable = None
 
     def enable_adapter_layers(self) -> None:
         self._set_adapters_enabled(True)
 
     def disable_adapter_layers(self) -> None:
+        """Run the base model alone until :meth:`enable_adapter_layers`; the adapters do not train meanwhile."""
         self._set_adapters_enabled(False)
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Run the bare base model inside the block; the previous state (merged adapters too) comes back after,
-        even when the block raises."""
+        """Run the bare base model inside the block, with the adapters frozen; the previous state (merged adapters,
+        which adapters trained) comes back after, even when the block raises."""
         merged = self.merged_adapter_names()
         if merged:
             self.unmerge_adapter()
         was_disabled = [(m, m.disable_adapters) for m in self.adapter_modules()]
+        was_frozen = self._thaw_on_enable is not None
         self._set_adapters_enabled(False)
         try:
             yield
         finally:
+            if not was_frozen:
+                self._set_adapters_enabled(True)
             for module, flag in was_disabled:
                 module.enable_adapters(not flag)
             if merged:
@@ -301,8 +338,10 @@ class LoraModel(nn.Module):
         if not active and self.peft_config:
             active = [next(iter(self.peft_config))]
             warnings.warn(f"deleted the active adapter {adapter_name!r}; {active[0]!r} is now active", stacklevel=2)
+        was_active = adapter_name in self.active_adapters
         self.active_adapters = active
-        self._mark_trainable()
+        if was_active:  # PEFT's rule: the adapters that take over train (an inactive one's going changes nothing)
+            self._mark_trainable()
 
     # -- merging --------------------------------------------------------------------------------------------------
     def merged_adapter_names(self) -> list[str]:
@@ -358,7 +397,7 @@ class LoraModel(nn.Module):
                 untied |= module.has_private_weight
                 replacement = module.base_layer
             elif isinstance(module, ModulesToSaveWrapper):
-                replacement = module.active_module if merge else module.original_module
+                replacement = module.unloaded_module
             else:
                 continue
             parent, child = parent_and_child(self.model, name)
@@ -375,7 +414,8 @@ class LoraModel(nn.Module):
         return self._unwrap(True, safe_merge, adapter_names)
 
     def unload(self) -> nn.Module:
-        """Remove every adapter without merging; return the base model as it was before lorakit."""
+        """Remove every adapter without merging; return the base model as it was before lorakit, except that a
+        ``modules_to_save`` module is the active adapter's trained copy (PEFT's choice)."""
         return self._unwrap(False)
 
     # -- combination (maths in lorakit.combine) ----------------------------------------------------------------------

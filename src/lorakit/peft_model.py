@@ -100,8 +100,19 @@ class PeftModel(nn.Module):
         config = prepare_config(self.get_base_model(), peft_config, self.task_modules_to_save)
         self.base_model.inject_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        self.base_model.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Activate an adapter (or several); it trains unless ``inference_mode``, all others are frozen (PEFT)."""
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn training of the named adapters (active or not) on or off."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """Every adapter's ``modules_to_save`` entries together (``None`` if there are none), as PEFT has it."""
+        names = {m for config in self.peft_config.values() for m in (config.modules_to_save or ())}
+        return names or None
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
@@ -235,8 +246,9 @@ class PeftModel(nn.Module):
         except BaseException:
             lora_model.delete_adapter(adapter_name)
             raise
-        lora_model.set_adapter(lora_model.active_adapters)
-        if not is_trainable:
+        if is_trainable:  # inactive, and trainable all the same (PEFT 0.21)
+            lora_model.set_requires_grad(adapter_name, True)
+        else:
             self.eval()
 
 

@@ -240,15 +240,22 @@ class LoraLayer(nn.Module):
         the shared one back."""
         return self._own_weight_of is not None
 
-    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
-        """Make ``adapter_names`` the active adapters; their parameters train, the others' don't."""
+    def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_names`` the active adapters; their parameters train (unless ``inference_mode``), the
+        others' don't (PEFT's rule)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in self.adapter_names:
-            trainable = name in names
+            trainable = name in names and not inference_mode
             for p in self._adapter_parameters(name):
                 p.requires_grad_(trainable)
         self.active_adapters = names
         self._refresh()
+
+    def set_requires_grad(self, adapter_names: Iterable[str], requires_grad: bool = True) -> None:
+        """Turn training of the named adapters' parameters on or off, active or not (PEFT's ``set_requires_grad``)."""
+        for name in adapter_names:
+            for p in self._adapter_parameters(name) if name in self.r else ():
+                p.requires_grad_(requires_grad)
 
     def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """Every parameter one adapter holds in :attr:`adapter_layer_names` (what trains while it is active)."""
