@@ -22,7 +22,8 @@ from .layers import LoraLayer, is_linear, lora_layer_for
 from .mixed_batch import BASE, mixed_batch
 from .modules_to_save import ModulesToSaveWrapper
 from .targeting import modules_to_save_names, select_targets
-from .walk import base_of, head_names, leaf_parameters, merged_names, parent_and_child, walk
+from .trainability import DisabledGrads, check_bias_owner, mark_trainable
+from .walk import base_of, head_names, merged_names, parent_and_child, walk
 
 __all__ = ["LoraModel"]
 
@@ -40,7 +41,7 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self._requires_grad_before: dict[str, bool] = {n: p.requires_grad for n, p in model.named_parameters()}
         self.active_adapters: list[str] = [adapter_name]
-        self._thaw_on_enable: Optional[list[nn.Parameter]] = None  # what trained before disable_adapter_layers()
+        self._disabled_grads = DisabledGrads()  # what trained before the adapters were disabled
         self.inject_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
     # -- pass-through ---------------------------------------------------------------------------------------------
@@ -106,13 +107,7 @@ class LoraModel(nn.Module):
                 "nn.Module attribute such as 'double' or 'to'); pick another name"
             )
 
-        with_bias = [n for n, c in self.peft_config.items() if c.bias != "none" and n not in shares_biases_with]
-        if config.bias != "none" and with_bias:
-            raise ValueError(
-                f"adapter {adapter_name!r} has bias={config.bias!r}, and adapter {with_bias[0]!r} trains biases "
-                "already: the base model's biases are shared, so only one adapter may train them (as in PEFT); "
-                "give the new adapter bias='none'"
-            )
+        check_bias_owner(self.peft_config, config, adapter_name, shares_biases_with)
 
         # One walk over the model: names, and which are linear (for "all-linear"), not entering our own layers.
         named = list(walk(self.model))
@@ -177,7 +172,7 @@ class LoraModel(nn.Module):
                 setattr(parent, child, original)
             raise
         if adapter_name in self.active_adapters:  # the first adapter: freeze the base, apply the bias choice
-            self._mark_trainable(inference_mode=config.inference_mode)
+            mark_trainable(self, inference_mode=config.inference_mode)
 
     def adapter_state(self, adapter_name: str) -> dict[str, Tensor]:
         """The tensors that make up one adapter, keyed by their path in ``self.model`` (adapter name included):
@@ -230,36 +225,6 @@ class LoraModel(nn.Module):
                     own[key].copy_(value)
             raise
 
-    def _base_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """``self.model.named_parameters()`` less what lorakit added (adapter factors, modules_to_save copies): one
-        walk that does not enter lorakit's layers, so its cost does not grow with the number of adapters."""
-        for name, module in walk(self.model):
-            if isinstance(module, LoraLayer):
-                yield from leaf_parameters(module.base_layer, f"{name}.base_layer")
-            elif isinstance(module, ModulesToSaveWrapper):
-                yield from leaf_parameters(module.original_module, f"{name}.original_module")
-            else:  # the walk visits its children
-                yield from ((f"{name}.{k}" if name else k, p) for k, p in module._parameters.items() if p is not None)
-
-    def _mark_trainable(self, inference_mode: bool = False) -> None:
-        """PEFT's ``set_adapter`` rule: the active adapters train (unless ``inference_mode``), with the biases their
-        ``bias`` setting names; every other adapter and the rest of the model are frozen."""
-        for name, p in self._base_parameters():
-            if not is_adapter_key(name):
-                p.requires_grad_(False)
-        for module in self.adapter_modules():
-            module.set_adapter(self.active_adapters, inference_mode=inference_mode)
-        for adapter in [] if inference_mode else self.active_adapters:
-            config = self.peft_config[adapter]
-            if config.bias == "all":
-                for n, p in self.model.named_parameters():
-                    if "bias" in n and "original_module" not in n:
-                        p.requires_grad_(True)
-            elif config.bias == "lora_only":
-                for _, layer in self.lora_layers():
-                    if adapter in layer.r and getattr(layer.base_layer, "bias", None) is not None:
-                        layer.base_layer.bias.requires_grad_(True)
-
     # -- switching ----------------------------------------------------------------------------------------------------
     def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
         """Activate one adapter (or several, whose updates add up). As in PEFT, the active adapters become
@@ -270,7 +235,7 @@ class LoraModel(nn.Module):
             if isinstance(module, ModulesToSaveWrapper):
                 module.check_active(names)  # before anything changes
         self.active_adapters = names
-        self._mark_trainable(inference_mode)
+        mark_trainable(self, inference_mode)
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Turn training of the named adapters (active or not) on or off: their LoRA factors and modules_to_save
@@ -285,18 +250,10 @@ class LoraModel(nn.Module):
     def _set_adapters_enabled(self, enabled: bool) -> None:
         for module in self.adapter_modules():
             module.enable_adapters(enabled)
-        if not enabled and self._thaw_on_enable is None:
-            # PEFT freezes the adapters while they are disabled; lorakit gives back exactly what trained before
-            self._thaw_on_enable = [
-                p for module in self.adapter_modules() for n, p in module.named_parameters()
-                if p.requires_grad and not n.startswith(("base_layer.", "original_module."))
-            ]
-            for p in self._thaw_on_enable:
-                p.requires_grad_(False)
-        elif enabled:
-            for p in self._thaw_on_enable or ():
-                p.requires_grad_(True)
-            self._thaw_on_enable = None
+        if enabled:
+            self._disabled_grads.thaw()
+        else:  # PEFT freezes the adapters while they are disabled; lorakit gives back exactly what trained before
+            self._disabled_grads.freeze(self.adapter_modules())
 
     def enable_adapter_layers(self) -> None:
         self._set_adapters_enabled(True)
@@ -313,7 +270,7 @@ class LoraModel(nn.Module):
         if merged:
             self.unmerge_adapter()
         was_disabled = [(m, m.disable_adapters) for m in self.adapter_modules()]
-        was_frozen = self._thaw_on_enable is not None
+        was_frozen = self._disabled_grads.active
         self._set_adapters_enabled(False)
         try:
             yield
@@ -341,7 +298,7 @@ class LoraModel(nn.Module):
         was_active = adapter_name in self.active_adapters
         self.active_adapters = active
         if was_active:  # PEFT's rule: the adapters that take over train (an inactive one's going changes nothing)
-            self._mark_trainable()
+            mark_trainable(self)
 
     # -- merging --------------------------------------------------------------------------------------------------
     def merged_adapter_names(self) -> list[str]:
