@@ -11,17 +11,21 @@ from conftest import mlp_input, peft_test_mlp, tiny_llama, token_ids
 from lorakit.ops import keep_mask
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # CUDA: nn.Dropout's fused kernel
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 @pytest.mark.parametrize("shape", [(7,), (3, 5, 13), (2, 64)])
-def test_keep_mask_is_nn_dropouts_mask(shape, p, dtype):
-    x = torch.rand(shape, generator=torch.Generator().manual_seed(1)).add_(0.5).to(dtype)  # no zeros
+def test_keep_mask_is_nn_dropouts_mask(shape, p, dtype, device):
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1)).add_(0.5).to(dtype=dtype, device=device)
     torch.manual_seed(123)
     ours = keep_mask(x, p)
-    after_ours = torch.rand(3)
+    after_ours = torch.rand(3, device=device)
     torch.manual_seed(123)
     theirs = nn.Dropout(p).train()(x) != 0
-    after_theirs = torch.rand(3)
+    after_theirs = torch.rand(3, device=device)
     assert ours.dtype == torch.bool and torch.equal(ours, theirs)
     assert torch.equal(after_ours, after_theirs)  # the generator moved on by the same draws
 
