@@ -14,10 +14,12 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
-from .checkpoint import FileAdapter, check_same_scaling, load_options, read_weights, save_adapters
+from .checkpoint import FileAdapter, LoadResult, check_same_scaling, load_options, read_weights, save_adapters
 from .config import LoraConfig, read_config
 from .mixed_batch import prompt_count
+from .hub import push_to_hub
 from .model import LoraModel
+from .model_card import write_model_card
 from .walk import activation_checkpointing
 
 
@@ -40,6 +42,8 @@ class PeftModel(nn.Module):
 
     #: modules a task type trains in full besides the adapters (PEFT's choice per task)
     task_modules_to_save: tuple[str, ...] = ()
+    #: the model card's ``pipeline_tag`` (PEFT sets it for causal LMs only)
+    card_pipeline_tag: Optional[str] = None
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
@@ -166,8 +170,18 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> None:
         """Write each selected adapter (default: all) as PEFT's adapter_config.json + adapter_model.safetensors;
-        ``default`` at the top of ``save_directory``, others in a subfolder of their name. PEFT's argument order."""
-        save_adapters(self, save_directory, selected_adapters, safe_serialization, **kwargs)
+        ``default`` at the top of ``save_directory``, others in a subfolder of their name; and a model card
+        (``README.md``, merged into one that is there: :mod:`lorakit.model_card`). PEFT's argument order."""
+        saved = save_adapters(self, save_directory, selected_adapters, safe_serialization, **kwargs)
+        if saved:
+            base = self.get_base_model()
+            write_model_card(save_directory, saved[0][2].base_model_name_or_path, saved,
+                             tags=getattr(base, "model_tags", None) or (), pipeline_tag=self.card_pipeline_tag)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Save the adapters (and the model card, merged into the repo's own README) and upload them to the Hub
+        repo ``repo_id``, creating it if needed; see :func:`lorakit.hub.push_to_hub` for the options."""
+        return push_to_hub(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -221,10 +235,12 @@ class PeftModel(nn.Module):
         subfolder: Optional[str] = None,
         revision: Optional[str] = None,
         **kwargs: Any,
-    ) -> None:
+    ) -> LoadResult:
         """Add the saved adapter as ``adapter_name`` (not activated), frozen unless ``is_trainable``. If
         ``adapter_name`` exists already, its weights are overwritten in place (PEFT's behaviour, which trainers rely
-        on), provided the file's ranks and scalings are the adapter's. Any error leaves the model as it was."""
+        on), provided the file's ranks and scalings are the adapter's. Any error leaves the model as it was.
+        Returns PEFT's load result (``missing_keys``, ``unexpected_keys``: empty, since a file that does not fit
+        is refused)."""
         if not isinstance(is_trainable, bool):
             raise TypeError(f"is_trainable must be a bool, got {is_trainable!r}")
         hub, allow_pickle, autocast = load_options(kwargs)
@@ -236,7 +252,7 @@ class PeftModel(nn.Module):
             fit = FileAdapter(lora_model, adapter_name, tensors, source)
             lora_model.load_adapter_state(adapter_name, fit)  # checks every key and shape before copying
             fit.place()
-            return
+            return LoadResult([], [])
         config.inference_mode = not is_trainable
         config = prepare_config(self.get_base_model(), config, self.task_modules_to_save)
         fit = FileAdapter(lora_model, adapter_name, tensors, source)
@@ -250,6 +266,7 @@ class PeftModel(nn.Module):
             lora_model.set_requires_grad(adapter_name, True)
         else:
             self.eval()
+        return LoadResult([], [])
 
 
 class _NamedInputs(PeftModel):
@@ -262,6 +279,8 @@ class _NamedInputs(PeftModel):
 
 
 class PeftModelForCausalLM(_NamedInputs):
+    card_pipeline_tag = "text-generation"
+
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, adapter_names=None, **kwargs):
         return self._call(adapter_names, dict(
@@ -293,10 +312,12 @@ class PeftModelForFeatureExtraction(_NamedInputs):
 
 class PeftModelForSequenceClassification(PeftModelForCausalLM):
     task_modules_to_save = ("classifier", "score")
+    card_pipeline_tag = None
 
 
 class PeftModelForTokenClassification(PeftModelForCausalLM):
     task_modules_to_save = ("classifier", "score")
+    card_pipeline_tag = None
 
 
 class PeftModelForQuestionAnswering(_NamedInputs):
