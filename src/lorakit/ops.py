@@ -92,8 +92,10 @@ def keep_mask(like: Tensor, p: float) -> Tensor:
     """Which elements dropout ``p`` keeps (bool, Bernoulli(1 − p)): the very mask ``nn.Dropout`` would draw for a
     tensor like ``like`` (its shape, dtype and device), from the same generator in the same way (``bernoulli_(1 −
     p)`` on CPU, the fused kernel on CUDA), because it is drawn by torch's dropout itself; so a seed gives lorakit
-    and PEFT the same masks. A dropout of ones: the draws depend on the shape, not the values."""
-    return F.dropout(torch.ones_like(like), p, training=True) != 0
+    and PEFT the same masks."""
+    if like.device.type == "cpu":  # CPU dropout's own draw, empty_like(x).bernoulli_(1 − p), without its multiply
+        return torch.empty_like(like).bernoulli_(1 - p).bool()
+    return F.dropout(torch.ones_like(like), p, training=True) != 0  # the draws depend on the shape, not the values
 
 
 def pack_bits(mask: Tensor) -> Tensor:
