@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -67,7 +68,10 @@ def _merged_metadata(front: Optional[str], base_model: Optional[str], tags: Iter
         import yaml
     except ImportError:
         return front if front is not None else _plain_metadata(base_model, tags, pipeline_tag)
-    data = {} if front is None else yaml.safe_load(front)
+    try:
+        data = {} if front is None else yaml.safe_load(front)
+    except yaml.YAMLError:
+        return front
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -92,9 +96,15 @@ def _plain_metadata(base_model: Optional[str], tags: Iterable[str], pipeline_tag
 def write_model_card(folder: str | os.PathLike, base_model: Optional[str],
                      adapters: Sequence[tuple[str, str, LoraConfig]], tags: Iterable[str] = (),
                      pipeline_tag: Optional[str] = None) -> Path:
-    """Write (or merge into) ``folder/README.md``; see the module docstring. Returns the card's path."""
+    """Write (or merge into) ``folder/README.md``; see the module docstring. Returns the card's path. A README
+    that is not UTF-8 text is left alone (with a warning); front matter that is not a YAML mapping is kept as
+    it is."""
     path = Path(folder) / CARD_NAME
-    text = path.read_text(encoding="utf-8") if path.is_file() else None
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else None
+    except UnicodeDecodeError:
+        warnings.warn(f"{path} is not UTF-8 text; left as it is (no model card written)", stacklevel=3)
+        return path
     front, body = None, ""
     if text is not None:
         match = _FRONT_MATTER.match(text)

@@ -113,6 +113,19 @@ def test_a_users_readme_is_merged_not_overwritten(tmp_path):
     assert text.count("## Adapter settings") == 1 and text.count("| default |") == 1
 
 
+def test_a_readme_that_cannot_be_merged_is_left_alone(tmp_path):
+    (tmp_path / "README.md").write_bytes(b"\xff\xfe not utf-8")
+    with pytest.warns(UserWarning, match="not UTF-8"):
+        saved_mlp(tmp_path)
+    assert (tmp_path / "README.md").read_bytes() == b"\xff\xfe not utf-8"
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    broken = "---\nlicense: [mit\n---\nText.\n"  # front matter that is not valid YAML: kept as it is
+    (tmp_path / "README.md").write_text(broken)
+    saved_mlp(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith(broken) and "## Adapter settings" in text
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # push_to_hub, with a local fake of huggingface_hub's calls
 # ----------------------------------------------------------------------------------------------------------------
