@@ -58,3 +58,23 @@ def test_sources_that_both_trained_a_module_are_refused():
     with pytest.raises(ValueError, match=r"\['default', 'w'\].*'lin2'"):
         model.add_weighted_adapter(["default", "w"], [1, 1], "mix", "cat")
     assert "mix" not in model.peft_config
+
+
+def test_combining_an_adapter_that_trains_biases():
+    """PEFT refuses (its one-adapter-with-bias rule counts the combination as a second one); lorakit lets the
+    combination take the source's biases over, and a further adapter with bias is still refused."""
+    import peft
+
+    from conftest import peft_test_mlp
+
+    for lib in (lorakit, peft):
+        model = lib.get_peft_model(peft_test_mlp(), lib.LoraConfig(target_modules=["lin0"], bias="all"))
+        model.add_adapter("plain", lib.LoraConfig(target_modules=["lin0"]))
+        if lib is peft:
+            with pytest.raises(ValueError, match="only 1 adapter with bias"):
+                model.add_weighted_adapter(["default", "plain"], [1.0, 1.0], "mix", "cat")
+        else:
+            model.add_weighted_adapter(["default", "plain"], [1.0, 1.0], "mix", "cat")
+            assert model.peft_config["mix"].bias == "all"
+            with pytest.raises(ValueError, match="only one adapter may train them"):
+                model.add_adapter("third", lib.LoraConfig(target_modules=["lin1"], bias="lora_only"))

@@ -93,17 +93,36 @@ def test_disabling_gives_back_exactly_what_trained_before():
     model.base_model.enable_adapter_layers()
     assert trainable(model) == before
 
+    import peft  # the same calls in PEFT: the frozen active adapter trains afterwards, the other one does not
+
+    theirs = peft.get_peft_model(peft_test_mlp(), config(peft))
+    theirs.add_adapter("other", config(peft))
+    theirs.set_adapter("default", inference_mode=True)
+    theirs.set_requires_grad("other")
+    assert trainable(theirs) == before
+    with theirs.disable_adapter():
+        pass
+    assert trainable(theirs) and all(".default." in n for n in trainable(theirs))
+
 
 def test_set_adapter_freezes_every_part_of_the_inactive_adapters(tmp_path):
     """PEFT 0.21.2 leaves an adapter's modules_to_save copy trainable after switching away from it (while freezing
     its LoRA factors); lorakit freezes both."""
     import lorakit
 
-    model = lorakit.get_peft_model(peft_test_mlp(), config(lorakit))
-    model.add_adapter("other", config(lorakit))
-    model.set_requires_grad("other")
-    model.set_adapter("default")
-    assert trainable(model) and not any(".other." in n for n in trainable(model))
+    import peft
+
+    for lib in (lorakit, peft):
+        model = lib.get_peft_model(peft_test_mlp(), config(lib))
+        model.add_adapter("other", config(lib))
+        model.set_requires_grad("other")
+        model.set_adapter("default")
+        left = [n for n in trainable(model) if ".other." in n]
+        if lib is lorakit:
+            assert trainable(model) and not left
+        else:
+            assert left == ["base_model.model.lin1.modules_to_save.other.bias",
+                            "base_model.model.lin1.modules_to_save.other.weight"]
 
 
 @pytest.mark.parametrize("merge", [False, True])
