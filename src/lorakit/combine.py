@@ -237,7 +237,7 @@ def add_weighted_adapter(
 
     config = _new_config(lora_model, adapters, {n: A.shape[0] for n, (A, _) in new_factors.items()},
                          [n for n, _, _ in inherited])
-    lora_model.inject_adapter(config, adapter_name)
+    lora_model.inject_adapter(config, adapter_name, shares_biases_with=adapters)
     try:
         _fill(lora_model, adapter_name, new_factors, inherited)
     except Exception:

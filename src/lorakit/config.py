@@ -262,7 +262,7 @@ class LoraConfig(PeftConfig):
 
 def config_json(config: LoraConfig, **extra: Any) -> str:
     """The text of ``adapter_config.json``: every field of ``config``, then ``extra`` (file-level facts such as
-    ``lorakit_version``). The one writer of the file's content."""
+    ``peft_type``). The one writer of the file's content."""
     data = config.to_dict()
     data.update(extra)
     return json.dumps(data, indent=2, sort_keys=True) + "\n"

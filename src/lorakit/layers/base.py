@@ -108,6 +108,17 @@ class LoraLayer(nn.Module):
             p.requires_grad_(trainable)
         self._refresh()
 
+    def keep_base_dtype(self, adapter_name: str) -> None:
+        """Store one adapter's factors in the base weight's dtype (PEFT's ``autocast_adapter_dtype=False``): on a
+        half-precision base they are float16/bfloat16 instead of float32. The parameters stay the same objects."""
+        dtype = self.base_layer.weight.dtype
+        if not dtype.is_floating_point:
+            return
+        with torch.no_grad():
+            for p in self._adapter_parameters(adapter_name):
+                p.data = p.data.to(dtype)
+        self._stack_cache = None
+
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
         """PEFT's initialisations: ``True`` kaiming-uniform A and zero B; ``"gaussian"`` normal A (std 1/r) and
         zero B; ``False`` both kaiming-uniform (a non-zero adapter, for tests). Factors are created uninitialised,
@@ -155,7 +166,10 @@ class LoraLayer(nn.Module):
         out = self._modules["base_layer"](x, *args, **kwargs)  # not self.base_layer: a Python-level lookup
         if self._rows is not None:
             rows = self._rows
-            return out if self.r.keys().isdisjoint(rows.names) else self._add_row_outputs(out, x, rows)
+            rows.for_batch(x.shape[0])  # every layer checks the rows it receives, even where it adds nothing
+            if self.disable_adapters or self.r.keys().isdisjoint(rows.names):
+                return out
+            return self._add_row_outputs(out, x, rows)
         for name in self._live:
             out = self._add_adapter_output(out, x, name)
         return out
@@ -234,15 +248,22 @@ class LoraLayer(nn.Module):
         the shared one back."""
         return self._own_weight_of is not None
 
-    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
-        """Make ``adapter_names`` the active adapters; their parameters train, the others' don't."""
+    def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_names`` the active adapters; their parameters train (unless ``inference_mode``), the
+        others' don't (PEFT's rule)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in self.adapter_names:
-            trainable = name in names
+            trainable = name in names and not inference_mode
             for p in self._adapter_parameters(name):
                 p.requires_grad_(trainable)
         self.active_adapters = names
         self._refresh()
+
+    def set_requires_grad(self, adapter_names: Iterable[str], requires_grad: bool = True) -> None:
+        """Turn training of the named adapters' parameters on or off, active or not (PEFT's ``set_requires_grad``)."""
+        for name in adapter_names:
+            for p in self._adapter_parameters(name) if name in self.r else ():
+                p.requires_grad_(requires_grad)
 
     def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """Every parameter one adapter holds in :attr:`adapter_layer_names` (what trains while it is active)."""
