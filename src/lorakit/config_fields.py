@@ -129,12 +129,12 @@ def check_unknown_fields(unknown: dict[str, Any]) -> None:
         )
 
 
-def check_file_fields(data: dict[str, Any]) -> None:
+def check_file_fields(data: dict[str, Any], written_by_lorakit: bool = False) -> None:
     """What only a file can tell: an adapter trained with ``init_lora_weights="pissa_niter_<k>"`` by PEFT (no
-    ``lorakit_version``) trained on a residual drawn from PEFT's unseeded global RNG, which no load can rebuild (PEFT
+    ``lorakit_version`` in its weights' metadata) trained on a residual drawn from PEFT's unseeded global RNG, which no load can rebuild (PEFT
     itself loads it on another residual); it is refused. lorakit's own draws are seeded, so its files load exactly."""
     init = data.get("init_lora_weights")
-    if isinstance(init, str) and _PISSA_NITER.fullmatch(init) and "lorakit_version" not in data:
+    if isinstance(init, str) and _PISSA_NITER.fullmatch(init) and not written_by_lorakit:
         raise UnsupportedFieldError(
             f"init_lora_weights={init!r} in a file not written by lorakit: PEFT drew that randomized SVD from its "
             "unseeded global RNG, so the residual base weights the adapter was trained on cannot be rebuilt (PEFT's "
