@@ -77,13 +77,18 @@ def train_run(prep: Prepared, before: Scores, on_step: Optional[Callable[[int, f
         optimizer.load_state_dict(prep.saved["optimizer"])
         losses, start, seconds_train = list(prep.saved["losses"]), prep.saved["step"], prep.saved["seconds_train"]
         torch.set_rng_state(prep.saved["rng"])
+        if "cuda_rng" in prep.saved and prep.placement.device.type == "cuda":
+            torch.cuda.set_rng_state(prep.saved["cuda_rng"], prep.placement.device)
     else:
         torch.manual_seed(settings.seed)
 
     def state(step: int) -> dict[str, Any]:
-        return {"step": step, "settings": settings.identity(), "optimizer": optimizer.state_dict(), "losses": losses,
-                "before": before.metrics, "before_answers": before.answers, "rng": torch.get_rng_state(),
-                "seconds_train": seconds_train + time.perf_counter() - t_train}
+        saved = {"step": step, "settings": settings.identity(), "optimizer": optimizer.state_dict(), "losses": losses,
+                 "before": before.metrics, "before_answers": before.answers, "rng": torch.get_rng_state(),
+                 "seconds_train": seconds_train + time.perf_counter() - t_train, "dtype": prep.placement.dtype_name}
+        if prep.placement.device.type == "cuda":  # dropout draws from the GPU's generator there
+            saved["cuda_rng"] = torch.cuda.get_rng_state(prep.placement.device)
+        return saved
 
     model.train()
     t_train = time.perf_counter()
