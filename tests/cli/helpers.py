@@ -52,3 +52,21 @@ def cli(*args):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main([str(a) for a in args])
     return code, out.getvalue(), err.getvalue()
+
+
+def make_assets(root):
+    """A tiny Llama with its tokenizer saved in ``root/llama`` and a 16-example chat file ``root/chat.jsonl``
+    (prompt/completion rows and multi-turn ``messages`` rows); returns (model folder, data file, tokenizer)."""
+    import json
+
+    tok = make_tokenizer()
+    model_dir = root / "llama"
+    make_llama(len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    rows = [{"prompt": q, "completion": a} for q, a in QA[:12]]
+    rows += [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": q},
+                           {"role": "assistant", "content": a}, {"role": "user", "content": "say hello"},
+                           {"role": "assistant", "content": "hello world"}]} for q, a in QA[12:]]
+    data = root / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    return model_dir, data, tok

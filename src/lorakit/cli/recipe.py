@@ -26,33 +26,36 @@ from typing import Any, Mapping, Optional, Union
 from lorakit.config import read_config
 
 from .finetune.checkpoints import RECIPE_FILE
-from .finetune.settings import EVAL_IGNORES, RECIPE_KEYS, Settings
+from .finetune.settings import EVAL_IGNORES, Settings
 
 SUFFIXES = (".yaml", ".yml", ".json")
 COMMAND_LINE = "the command line"
 
 
-def _field_types() -> dict[str, tuple[type, bool]]:
-    """Recipe key → (its type, whether it may be null), from ``Settings``' annotations."""
-    hints = typing.get_type_hints(Settings)
+def schema(settings_class: type = Settings) -> dict[str, tuple[type, bool, Mapping[str, Any]]]:
+    """Recipe key → (its type, whether it may be null, its field's metadata), read from the dataclass
+    ``settings_class``: every field whose metadata does not exclude it (``recipe: False``, the actions)."""
+    hints = typing.get_type_hints(settings_class)
     types = {}
-    for key in RECIPE_KEYS:
-        hint, optional = hints[key], False
+    for f in dataclasses.fields(settings_class):
+        if not f.metadata.get("recipe", True):
+            continue
+        hint, optional = hints[f.name], False
         if typing.get_origin(hint) is Union:
             args = [a for a in typing.get_args(hint) if a is not type(None)]
             optional, hint = len(args) < len(typing.get_args(hint)), args[0]
-        types[key] = (hint, optional)
+        types[f.name] = (hint, optional, f.metadata)
     return types
 
 
-def read_recipe(path: Union[str, os.PathLike]) -> dict[str, Any]:
+def read_recipe(path: Union[str, os.PathLike], settings_class: type = Settings) -> dict[str, Any]:
     """The settings in a recipe file, checked and typed; ``ValueError``/``FileNotFoundError`` naming the file and
     what is wrong in it."""
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
-        raise ValueError(f"-c {path}: expected a recipe file ending in {', '.join(SUFFIXES)}")
+        raise ValueError(f"{path}: expected a recipe file ending in {', '.join(SUFFIXES)}")
     if not path.is_file():
-        raise FileNotFoundError(f"-c {path}: no such file")
+        raise FileNotFoundError(f"{path}: no such file")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() == ".json":
@@ -62,20 +65,21 @@ def read_recipe(path: Union[str, os.PathLike]) -> dict[str, Any]:
 
             raw = yaml.safe_load(text)
     except ImportError:
-        raise ImportError(f"-c {path}: reading YAML needs pyyaml (pip install pyyaml), or write the recipe as JSON") from None
+        raise ImportError(f"{path}: reading YAML needs pyyaml (pip install pyyaml), or write the recipe as JSON") from None
     except Exception as e:  # json.JSONDecodeError, yaml.YAMLError: say where
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"-c {path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {first}") from None
+        raise ValueError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {first}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ValueError(f"-c {path}: expected a mapping of settings (key: value), got a {type(raw).__name__}")
-    return check_recipe(raw, str(path))
+        raise ValueError(f"{path}: expected a mapping of settings (key: value), got a {type(raw).__name__}")
+    return check_recipe(raw, str(path), settings_class)
 
 
-def check_recipe(raw: Mapping[Any, Any], source: str) -> dict[str, Any]:
-    """``raw`` (keys as fields or flags) as typed settings; unknown keys and wrong types name ``source``."""
-    types = _field_types()
+def check_recipe(raw: Mapping[Any, Any], source: str, settings_class: type = Settings) -> dict[str, Any]:
+    """``raw`` (keys as fields or flags) as typed settings of ``settings_class``; unknown keys and wrong types
+    are a ``ValueError`` naming ``source``."""
+    types = schema(settings_class)
     settings: dict[str, Any] = {}
     unknown = []
     for key, value in raw.items():
@@ -87,7 +91,7 @@ def check_recipe(raw: Mapping[Any, Any], source: str) -> dict[str, Any]:
             raise ValueError(f"{source}: {name} is given twice (as {name!r} and as {name.replace('_', '-')!r})")
         settings[name] = _typed(name, value, *types[name], source)
     if unknown:
-        actions = [k for k in unknown if k.replace("-", "_") in {f.name for f in dataclasses.fields(Settings)}]
+        actions = [k for k in unknown if k.replace("-", "_") in {f.name for f in dataclasses.fields(settings_class)}]
         hints = []
         for key in unknown:
             close = difflib.get_close_matches(key.replace("-", "_"), types, n=1)
@@ -101,7 +105,7 @@ def check_recipe(raw: Mapping[Any, Any], source: str) -> dict[str, Any]:
     return settings
 
 
-def _typed(name: str, value: Any, kind: type, optional: bool, source: str) -> Any:
+def _typed(name: str, value: Any, kind: type, optional: bool, metadata: Mapping[str, Any], source: str) -> Any:
     def wrong(expected: str) -> ValueError:
         return ValueError(f"{source}: {name}: {value!r} is not {expected}")
 
@@ -109,7 +113,7 @@ def _typed(name: str, value: Any, kind: type, optional: bool, source: str) -> An
         if optional:
             return None
         raise wrong(f"allowed to be empty (expected {_kind_name(kind)})")
-    sep = next((f.metadata.get("sep") for f in dataclasses.fields(Settings) if f.name == name), None)
+    sep = metadata.get("sep")
     if kind is str and sep and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return sep.join(value)
     if kind is bool:
@@ -119,7 +123,11 @@ def _typed(name: str, value: Any, kind: type, optional: bool, source: str) -> An
     if isinstance(value, bool) or isinstance(value, (list, tuple, dict)):
         raise wrong(f"{_kind_name(kind)}")
     if kind is str:
-        return str(value)
+        value = str(value)
+        choices = metadata.get("choices")
+        if choices and value not in choices:
+            raise wrong(f"one of {', '.join(map(str, choices))}")
+        return value
     try:
         converted = kind(value)  # int("8"), float("2e-3"), float(8): as the flag converts its text
     except (TypeError, ValueError):
