@@ -130,12 +130,11 @@ def resolve(device: str, dtype: str, local_rank: Optional[int] = None) -> Placem
     return Placement(where, resolve_dtype(dtype, where))
 
 
-def peak_device_memory_mb(device: torch.device) -> float | None:
-    """The most memory tensors held on ``device`` at once, in MB (``None`` on the CPU: see the process's peak)."""
+def peak_device_memory_mb(device: torch.device) -> Optional[float]:
+    """The most memory tensors held on a CUDA ``device`` at once, in MB; ``None`` elsewhere (the CPU's is the
+    process's peak; MPS keeps no peak, only what is allocated now)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    if device.type == "mps":
-        return torch.mps.driver_allocated_memory() / 2**20
     return None
 
 

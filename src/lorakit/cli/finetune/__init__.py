@@ -1,10 +1,11 @@
-"""``lorakit finetune``: LoRA fine-tuning of a causal language model on chat data, on a CPU, with a report.
+"""``lorakit finetune``: LoRA fine-tuning of a causal language model on chat data, with a report; on the CPU,
+a CUDA GPU or Apple's MPS (``--device``, ``--dtype``: :mod:`lorakit.cli.device`).
 
 One run: read and split the data, load the model, add LoRA, score the held-out answers, train, score again,
 save the adapter (PEFT's format), a loss curve and ``metrics.json``, then merge the adapter into the model and
 score once more (the merged model must score as the adapted one did).
 
-Two things keep it fast on a small CPU:
+Two things keep it fast on a small CPU (and stay exact, to the precision of ``--dtype``, on every device):
 
 - logits are computed only where a loss is taken (the answer tokens), not over the whole 49k-word vocabulary at
   every position;
@@ -21,7 +22,8 @@ The run goes in phases, one module each: :mod:`.settings` (the options and their
 model, LoRA, ``--resume``), :mod:`.score` (answer-token logits, held-out metrics, sample answers), :mod:`.train`
 (schedule, batches, the loop), :mod:`.checkpoints` (written during training, read by ``--resume``) and
 :mod:`.report` (scores after training and merging, the adapter, ``loss.png``, ``metrics.json``). :func:`run`
-chains them.
+chains them; with ``--eval-only`` it scores an existing adapter instead (:mod:`.eval_only`). The settings can
+come from a recipe file (:mod:`lorakit.cli.recipe`); the run saves its own as ``recipe.yaml``.
 """
 
 from __future__ import annotations
