@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from types import SimpleNamespace
-from typing import Optional
+from typing import Literal, Optional
 
 import pytest
 import torch
@@ -103,6 +103,13 @@ def test_a_new_setting_is_a_recipe_key_without_further_code():
         R.check_recipe({"quantize": "nf5"}, "r.yaml", Later)
     with pytest.raises(ValueError, match=r"dora: 'yes please' is not true or false"):
         R.check_recipe({"dora": "yes please"}, "r.yaml", Later)
+    # the other ways of writing such a field
+    Other = dataclasses.make_dataclass("Other", [("quantize", "str | None", None),
+                                                 ("init", Literal["gaussian", "pissa"], "gaussian")],
+                                       bases=(FT.Settings,))
+    assert R.check_recipe({"quantize": None, "init": "pissa"}, "r.yaml", Other) == {"quantize": None, "init": "pissa"}
+    with pytest.raises(ValueError, match=r"init: 'olora' is not one of gaussian, pissa"):
+        R.check_recipe({"init": "olora"}, "r.yaml", Other)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -21,7 +21,8 @@ import json
 import os
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from types import UnionType
+from typing import Any, Literal, Mapping, Optional, Union
 
 from lorakit.config import read_config
 
@@ -34,17 +35,21 @@ COMMAND_LINE = "the command line"
 
 def schema(settings_class: type = Settings) -> dict[str, tuple[type, bool, Mapping[str, Any]]]:
     """Recipe key → (its type, whether it may be null, its field's metadata), read from the dataclass
-    ``settings_class``: every field whose metadata does not exclude it (``recipe: False``, the actions)."""
+    ``settings_class``: every field whose metadata does not exclude it (``recipe: False``, the actions).
+    ``Optional[T]`` and ``T | None`` may be null; a ``Literal[...]`` is text with those choices."""
     hints = typing.get_type_hints(settings_class)
     types = {}
     for f in dataclasses.fields(settings_class):
         if not f.metadata.get("recipe", True):
             continue
-        hint, optional = hints[f.name], False
-        if typing.get_origin(hint) is Union:
+        hint, optional, metadata = hints[f.name], False, dict(f.metadata)
+        if typing.get_origin(hint) in (Union, UnionType):
             args = [a for a in typing.get_args(hint) if a is not type(None)]
             optional, hint = len(args) < len(typing.get_args(hint)), args[0]
-        types[f.name] = (hint, optional, f.metadata)
+        if typing.get_origin(hint) is Literal:
+            metadata.setdefault("choices", typing.get_args(hint))
+            hint = type(typing.get_args(hint)[0])
+        types[f.name] = (hint, optional, metadata)
     return types
 
 

@@ -5,7 +5,8 @@ One run: read and split the data, load the model, add LoRA, score the held-out a
 save the adapter (PEFT's format), a loss curve and ``metrics.json``, then merge the adapter into the model and
 score once more (the merged model must score as the adapted one did).
 
-Two things keep it fast on a small CPU (and stay exact, to the precision of ``--dtype``, on every device):
+Two things keep it fast on a small CPU (both exact on every device; the second in float32 only, see
+:func:`.prepare.prepare_run`):
 
 - logits are computed only where a loss is taken (the answer tokens), not over the whole 49k-word vocabulary at
   every position;
