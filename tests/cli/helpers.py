@@ -70,3 +70,16 @@ def make_assets(root):
     data = root / "chat.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
     return model_dir, data, tok
+
+
+def settings_from(argv):
+    """What ``lorakit finetune ARGV`` would run (its ``Settings``), and where each setting came from."""
+    import dataclasses
+
+    from lorakit.cli import build_parser
+    from lorakit.cli.finetune import Settings
+    from lorakit.cli.recipe import resolve_settings
+
+    args = build_parser().parse_args(["finetune", *map(str, argv)])
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    return resolve_settings({k: v for k, v in vars(args).items() if k in fields}, args.config)

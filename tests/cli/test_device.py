@@ -19,7 +19,6 @@ from lorakit.cli import finetune as FT
 from lorakit.cli.finetune.score import agreement
 
 from .helpers import QA, cli, make_assets, make_llama, make_tokenizer
-from .test_scoring import _tiny_batch
 
 
 def _machine(monkeypatch, cuda: int = 0, mps: bool = False, bf16: bool = True, macos14: bool = True) -> None:
@@ -201,7 +200,8 @@ def test_chunks_stay_exact_in_half_precision(dtype):
     """A chunked step gives the whole batch's loss and gradients to the precision of a half-precision base
     (adapters in float32)."""
     tok = make_tokenizer()
-    examples, batch = _tiny_batch(tok)
+    examples = [D.encode(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], 100)
+                for q, a in QA[:5]]
     model = lorakit.get_peft_model(make_llama(len(tok)).to(dtype),
                                    lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                       init_lora_weights=False))

@@ -10,8 +10,7 @@ import pytest
 
 from lorakit.cli import finetune as FT
 
-from .helpers import cli, make_assets
-from .test_recipe import settings_from
+from .helpers import cli, make_assets, settings_from
 
 RUN = ["--steps", 4, "--batch-size", 4, "--eval-split", 4, "--r", 4, "--alpha", 8, "--lr", 1e-2, "--samples", 2,
        "--max-new-tokens", 4, "--max-length", 100, "--save-every", 0]
@@ -85,6 +84,13 @@ def test_eval_only_errors(trained, args, message):
     code, stdout, stderr = cli("finetune", *[a.format(**fill) for a in args])
     assert code == 1 and stdout == "" and stderr.count("\n") == 1
     assert stderr.startswith("lorakit finetune: error: ") and message.format(**fill) in stderr, stderr
+
+
+def test_eval_only_on_a_checkpoint_uses_the_runs_recipe(trained):
+    checkpoint = FT.latest_checkpoint(trained.out)
+    settings, origin = settings_from(["--eval-only", "--adapter", checkpoint])
+    assert origin["data"] == str(trained.out / FT.RECIPE_FILE) and settings.max_length == 100
+    assert FT.run(settings, log=lambda line: None, explicit=origin)["eval"] == trained.metrics["after"]
 
 
 def test_training_keys_of_a_recipe_are_ignored_by_eval_only(trained, tmp_path):

@@ -17,7 +17,7 @@ from lorakit.cli import build_parser
 from lorakit.cli import finetune as FT
 from lorakit.cli import recipe as R
 
-from .helpers import cli, make_assets
+from .helpers import cli, make_assets, settings_from
 
 # the same run as flags and as a recipe (some keys written as flags are, as YAML would read them)
 FLAGS = ["--steps", "3", "--batch-size", "4", "--eval-split", "4", "--r", "4", "--alpha", "8", "--dropout", "0.1",
@@ -40,13 +40,6 @@ save-every: 2
 dtype: float32
 device: cpu
 """
-
-
-def settings_from(argv):
-    """What ``lorakit finetune ARGV`` would run, and where each setting came from."""
-    args = build_parser().parse_args(["finetune", *map(str, argv)])
-    fields = {f.name for f in dataclasses.fields(FT.Settings)}
-    return R.resolve_settings({k: v for k, v in vars(args).items() if k in fields}, args.config)
 
 
 @pytest.fixture(scope="module")
@@ -197,9 +190,9 @@ def test_resume_refuses_a_changed_recipe_naming_what_changed(assets, runs, tmp_p
     changed.write_text(assets.recipe.read_text().replace("lr: 1e-2", "lr: 2e-2").replace("r: 4\n", "r: 6\n"))
     code, _, stderr = cli("finetune", "-c", changed, "--out", runs.by_file, "--resume")
     assert code == 1 and stderr.count("\n") == 1
-    assert f"--r was 4, now 6 in {changed}" in stderr and f"--lr was 0.01, now 0.02 in {changed}" in stderr
+    assert f"--r was 4, now 6 (from {changed})" in stderr and f"--lr was 0.01, now 0.02 (from {changed})" in stderr
     code, _, stderr = cli("finetune", "-c", assets.recipe, "--out", runs.by_file, "--resume", "--lr", "0.3")
-    assert code == 1 and "--lr was 0.01, now 0.3" in stderr and "now 0.3 in" not in stderr
+    assert code == 1 and "--lr was 0.01, now 0.3 (from the command line)" in stderr
     # what a resumed run may change (threads, samples, where it runs) is not a change of recipe
     free = tmp_path / "free.yaml"
     free.write_text(assets.recipe.read_text().replace("save-every: 2", "save-every: 1") + "threads: 1\nsamples: 0\n")

@@ -188,7 +188,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-
 def _discard_stdout() -> None:
     """Point stdout at the null device, so that flushing it again (at exit) does not fail on the closed pipe."""
     try:

@@ -26,7 +26,7 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 from lorakit.config import read_config
 
-from .finetune.checkpoints import RECIPE_FILE
+from .finetune.checkpoints import CHECKPOINTS, RECIPE_FILE
 from .finetune.settings import EVAL_IGNORES, Settings
 
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -180,14 +180,14 @@ def resolve_settings(flags: Mapping[str, Any],
 
 
 def adapter_defaults(adapter: Union[str, os.PathLike]) -> tuple[dict[str, Any], str]:
-    """The settings that score ``adapter`` as the run that trained it did: its ``recipe.yaml``, else the base
-    model its ``adapter_config.json`` records."""
+    """The settings that score ``adapter`` as the run that trained it did: its ``recipe.yaml`` (for a checkpoint,
+    ``RUN/checkpoints/step-N``, the run's), else the base model its ``adapter_config.json`` records."""
     folder = Path(adapter)
     if not (folder / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there (expected an adapter folder: "
                                 "adapter_config.json + adapter_model.safetensors)")
-    recipe = folder / RECIPE_FILE
-    if recipe.is_file():
-        return read_recipe(recipe), str(recipe)
+    for recipe in (folder / RECIPE_FILE, folder.parent.parent / RECIPE_FILE):
+        if recipe.is_file() and (recipe.parent == folder or folder.parent.name == CHECKPOINTS):
+            return read_recipe(recipe), str(recipe)
     base = read_config(folder).base_model_name_or_path
     return ({"model": base} if base else {}), str(folder / "adapter_config.json")

@@ -14,7 +14,6 @@ from lorakit.io import atomic_write_text
 
 from .settings import Settings
 
-_RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
@@ -73,7 +72,7 @@ def resume_state(settings: Settings, out: Path,
 
     Settings the user did not give (not in ``explicit``; ``None``: all were given) come from the checkpoint; one
     given with another value is an error naming it (and, when ``explicit`` maps names to where they came from,
-    the recipe file that gave it), since the continued run would no longer be the one that was started.
+    the recipe file or command line that gave it), since the continued run would no longer be the one that was started.
     """
     checkpoint = latest_checkpoint(out)
     if not settings.resume:
@@ -92,7 +91,7 @@ def resume_state(settings: Settings, out: Path,
         if explicit is not None and key not in explicit:
             setattr(settings, key, value)
         elif getattr(settings, key) != value:
-            where = f" in {origin[key]}" if str(origin.get(key, "")).endswith(_RECIPE_SUFFIXES) else ""
+            where = f" (from {origin[key]})" if key in origin else ""
             differ.append(f"--{key.replace('_', '-')} was {value!r}, now {getattr(settings, key)!r}{where}")
     if differ:
         raise ValueError(f"--resume: the run in {out} was started with other settings ({'; '.join(differ)}); "
