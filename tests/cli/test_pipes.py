@@ -66,3 +66,10 @@ def test_finetune_into_a_closed_pipe_stops_with_a_note(adapter):
                                adapter.root / "closed", "--steps", 1, "--batch-size", 4, "--eval-split", 4)
     assert code == 141 and not any(n in err for n in NOISE), err
     assert "lorakit finetune: output closed: stopped (continue with the same command and --resume)" in err
+
+
+def test_eval_only_into_a_closed_pipe_exits_0_quietly(adapter):
+    """Scoring has nothing to resume: a closed pipe ends it as it ends inspect."""
+    code, err = _closed_reader("finetune", "--eval-only", "--adapter", adapter.out)
+    assert code == 0 and not any(n in err for n in NOISE), err
+    assert "--resume" not in err

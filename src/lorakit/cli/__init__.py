@@ -5,9 +5,10 @@ of range, a model that will not load, a device that is not there or runs out of 
 line, ``lorakit <command>: error: …``, with exit code 1; argparse reports malformed command lines with exit code
 2. Each command's ``--debug`` shows the full traceback instead.
 
-A closed output pipe (``lorakit inspect DIR | head -1``) ends a command quietly: ``inspect`` and ``merge`` exit
-with 0 (their work is done; the reader stopped reading), ``finetune`` stops with 141 (128 + SIGPIPE, as 130 is
-128 + SIGINT for Ctrl-C) and a one-line note on stderr, since the run was cut short (``--resume`` continues it).
+A closed output pipe (``lorakit inspect DIR | head -1``) ends a command quietly: ``inspect``, ``merge`` and
+``finetune --eval-only`` exit with 0 (their work is done; the reader stopped reading), a training run stops
+with 141 (128 + SIGPIPE, as 130 is 128 + SIGINT for Ctrl-C) and a one-line note on stderr, since it was cut
+short (``--resume`` continues it).
 """
 
 from __future__ import annotations
@@ -165,18 +166,19 @@ COMMANDS = {"finetune": _finetune, "merge": _merge, "inspect": _inspect}
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    trains = args.command == "finetune" and not args.eval_only  # what is cut short can be resumed
     try:
         COMMANDS[args.command](args)
         sys.stdout.flush()  # here, so that a closed pipe is met inside the try, not at the interpreter's exit
     except BrokenPipeError:
         _discard_stdout()
-        if args.command != "finetune":
+        if not trains:
             return 0
         print("lorakit finetune: output closed: stopped (continue with the same command and --resume)",
               file=sys.stderr)
         return 141
     except KeyboardInterrupt:
-        hint = " (continue with the same command and --resume)" if args.command == "finetune" else ""
+        hint = " (continue with the same command and --resume)" if trains else ""
         print(f"\nlorakit {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except USER_ERRORS as e:
