@@ -125,3 +125,59 @@ def merged_by_hand(model, state, prefix, kind, conv=False):
             weight = reference.get_submodule(full).weight
             weight.add_(dense_update(down, up, alpha / r).reshape(weight.shape))
     return reference
+
+
+def tiny_sdxl_unet(dtype=torch.float64):
+    """SDXL's block layout in miniature: three levels, two layers each, attention on the lower two."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=4, norm_num_groups=4,
+    ).to(dtype).eval()
+
+
+_SGM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+               "conv_shortcut": "skip_connection"}
+
+
+def sgm_name(name, layers_per_block, attention_up_blocks):
+    """Stability's (SGM) name of a diffusers UNet module, as sd-scripts' SDXL UNet calls it: ``input_blocks.N.i``
+    counts one block per resnet (``.0``, with its attention as ``.1``) and one per downsampler (``.0.op``);
+    ``output_blocks.N`` one per up resnet (its upsampler after the attention: ``.2``, or ``.1`` without one)."""
+    L = layers_per_block
+    parts = name.split(".")
+    if parts[0] in ("down_blocks", "up_blocks", "mid_block") and parts[-1] in _SGM_RESNET and "resnets" in parts:
+        parts = parts[:-1] + [_SGM_RESNET[parts[-1]]]
+    if parts[0] == "down_blocks":
+        b, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "downsamplers":
+            return ".".join(["input_blocks", str(1 + b * (L + 1) + L), "0", "op"])
+        return ".".join(["input_blocks", str(1 + b * (L + 1) + j), "0" if kind == "resnets" else "1"] + rest)
+    if parts[0] == "mid_block":
+        index = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[f"{parts[1]}.{parts[2]}"]
+        return ".".join(["middle_block", str(index)] + parts[3:])
+    if parts[0] == "up_blocks":
+        b, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "upsamplers":
+            inner = "2" if b in attention_up_blocks else "1"
+            return ".".join(["output_blocks", str(b * (L + 1) + L), inner] + rest)
+        return ".".join(["output_blocks", str(b * (L + 1) + j), "0" if kind == "resnets" else "1"] + rest)
+    return {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2"}.get(name, name)
+
+
+def as_sgm(state, unet):
+    """A diffusers-named kohya UNet state dict renamed as sd-scripts names SDXL's UNet."""
+    attention_up = {int(n.split(".")[1]) for n, _ in unet.named_modules() if n.startswith("up_blocks.")
+                    and n.split(".")[2:3] == ["attentions"]}
+    names = {f"lora_unet_{kohya}": f"lora_unet_{sgm_name(full, unet.config.layers_per_block, attention_up)}"
+             .replace(".", "_") for kohya, full, _ in sd_scripts_modules(unet, "unet", conv=True)}
+    out = {}
+    for key, tensor in state.items():
+        name, _, part = key.partition(".")
+        out[f"{names[name]}.{part}"] = tensor
+    return out
