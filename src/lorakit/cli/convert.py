@@ -37,7 +37,7 @@ from lorakit.convert import from_kohya, peft_to_kohya, strip_peft_prefix
 from lorakit.convert_kohya import KOHYA_PREFIXES
 from lorakit.io import atomic_write_many
 from lorakit.keys import PEFT_PREFIX
-from lorakit.kohya_file import kohya_file, read_safetensors
+from lorakit.kohya_file import kohya_file, kohya_metadata, read_safetensors
 from lorakit.targeting import pattern_value
 
 from ..integrations.diffusers_export import DIFFUSERS_WEIGHT_NAME
@@ -193,11 +193,7 @@ def kohya_files(parts: list[Part], dst: Path) -> dict:
     tensors: dict[str, Tensor] = {}
     for part in parts:
         tensors.update(peft_to_kohya(part.state, part.config, prefixes[part.component], source=part.component))
-    ranks = Counter(t.shape[0] for k, t in tensors.items() if k.endswith("lora_down.weight"))
-    alphas = Counter(float(t) for k, t in tensors.items() if k.endswith(".alpha"))
-    metadata = {"format": "pt", "ss_network_module": "networks.lora",
-                "ss_network_dim": str(ranks.most_common(1)[0][0]), "ss_network_alpha": str(alphas.most_common(1)[0][0])}
-    return {dst: _safetensors(tensors, metadata)}
+    return {dst: _safetensors(tensors, kohya_metadata(tensors))}
 
 
 def diffusers_files(parts: list[Part], dst: Path) -> dict:
