@@ -90,8 +90,9 @@ def is_kohya_state(state: Mapping[str, Tensor]) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------------------------
-def _split(state: Mapping[str, Tensor], source: str) -> dict[str, dict[str, dict[str, Tensor]]]:
-    """``{component: {name without prefix: {"down"|"up"|"alpha": tensor}}}``; every key is accounted for."""
+def _split(state: Mapping[str, Tensor], source: str) -> tuple[dict[str, dict[str, dict[str, Tensor]]], dict[str, str]]:
+    """``({component: {name without prefix: {"down"|"up"|"alpha": tensor}}}, {component: prefix as spelled})``;
+    every key is accounted for."""
     out: dict[str, dict[str, dict[str, Tensor]]] = {}
     foreign, unsupported, spelled = [], {}, {}
     for key, tensor in state.items():
@@ -119,11 +120,12 @@ def _split(state: Mapping[str, Tensor], source: str) -> dict[str, dict[str, dict
     for component, prefixes in spelled.items():
         if len(prefixes) > 1:
             raise ValueError(f"{source} names the {component} both as {sorted(prefixes)}; expected one prefix")
+    prefixes = {component: next(iter(spelling)) for component, spelling in spelled.items()}
     for component, groups in out.items():
-        incomplete = [f"{KOHYA_PREFIXES[component]}_{n}" for n, g in groups.items() if {"down", "up"} - set(g)]
+        incomplete = [f"{prefixes[component]}_{n}" for n, g in groups.items() if {"down", "up"} - set(g)]
         if incomplete:
             raise ValueError(f"{source}: {incomplete[:5]} lack their lora_down.weight or lora_up.weight")
-    return out
+    return out, prefixes
 
 
 def _module_table(model: nn.Module) -> tuple[dict[str, str], dict[str, list[str]], dict[str, nn.Module]]:
@@ -280,24 +282,26 @@ def from_kohya(
     this way onto one component.
     """
     given = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
-    groups = _split(state_dict, source)
+    groups, prefixes = _split(state_dict, source)
     if not groups:
         raise ValueError(f"{source} holds no tensors")
     missing = [c for c in groups if given[c] is None]
     if missing:
         raise ValueError(f"{source} adapts the {missing} but no such model was given; pass "
                          + ", ".join(f"{c}=" for c in missing))
-    return {c: _fit(g, given[c], KOHYA_PREFIXES[c], source) for c, g in groups.items()}
+    return {c: _fit(g, given[c], prefixes[c], source) for c, g in groups.items()}
 
 
 def kohya_for_model(state_dict: Mapping[str, Tensor], model: nn.Module, source: str = "kohya file") -> KohyaAdapter:
     """The part of a kohya file that fits ``model`` (one pipeline component). The other components' tensors are
     left out with a warning naming them (load them onto their own models); none or several fitting is an error."""
-    groups = _split(state_dict, source)
+    groups, prefixes = _split(state_dict, source)
+    if not groups:
+        raise ValueError(f"{source} holds no tensors")
     fits, errors = {}, {}
     for component, group in groups.items():
         try:
-            fits[component] = _fit(group, model, KOHYA_PREFIXES[component], source)
+            fits[component] = _fit(group, model, prefixes[component], source)
         except ValueError as e:
             errors[component] = e
     if not fits:
@@ -310,9 +314,9 @@ def kohya_for_model(state_dict: Mapping[str, Tensor], model: nn.Module, source: 
                          "lorakit.convert.from_kohya with the components named")
     (component, adapter), = fits.items()
     if errors:
-        left = {c: 2 * len(groups[c]) for c in errors}
-        warnings.warn(f"{source}: loaded the {component} part onto this {type(model).__name__}; the file's "
-                      f"{left} LoRA tensors are for other models (load the file onto each of them)", stacklevel=3)
+        left = {c: len(groups[c]) for c in errors}
+        warnings.warn(f"{source}: loaded the {component} part onto this {type(model).__name__}; the file's LoRAs of "
+                      f"{left} modules are for other models (load the file onto each of them)", stacklevel=3)
     return adapter
 
 

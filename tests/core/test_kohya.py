@@ -145,7 +145,7 @@ def test_load_adapter_adds_a_kohya_file_as_a_second_adapter(models, tmp_path):
 def test_the_other_components_part_is_left_out_with_a_warning(models, tmp_path):
     unet, te = models
     path = write(tmp_path, kohya_file({"lora_unet": (unet, "unet"), "lora_te": (te, "te")}))
-    with pytest.warns(UserWarning, match=r"unet part .* \{'text_encoder': 24\} LoRA tensors are for other models"):
+    with pytest.warns(UserWarning, match=r"unet part .* LoRAs of \{'text_encoder': 12\} modules are for other models"):
         lorakit.PeftModel.from_pretrained(copy.deepcopy(unet).float(), str(path))
 
 
@@ -251,3 +251,28 @@ def test_sdxl_block_names_map_onto_the_diffusers_unet(tmp_path):
                                run_unet(merged_by_hand(unet, state, "lora_unet", "unet", conv=True), inputs), **TIGHT)
     written = to_kohya(model, dtype=torch.float64)  # written back with the diffusers names
     assert set(written) == set(state) and all(torch.equal(written[k], state[k]) for k in state)
+
+
+def test_save_kohya_writes_one_file_with_sd_scripts_metadata(models, tmp_path):
+    from safetensors import safe_open
+
+    from lorakit.kohya_file import save_kohya
+
+    unet, _ = models
+    model = lorakit.get_peft_model(copy.deepcopy(unet), lorakit.LoraConfig(
+        r=4, lora_alpha=2, target_modules=["to_q", "to_v"], rank_pattern={"to_v": 2}, init_lora_weights=False))
+    path = save_kohya(tmp_path / "sub" / "mine.safetensors", model)
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["mine.safetensors"]
+    with safe_open(str(path), "pt") as f:
+        metadata, keys = f.metadata(), set(f.keys())
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_network_alpha"] == "2"
+    assert keys == set(to_kohya(model))
+    with pytest.raises(ValueError, match="a .safetensors file"):
+        save_kohya(tmp_path / "mine.bin", model)
+
+
+def test_a_config_cannot_override_a_kohya_files_own(models, tmp_path):
+    unet, _ = models
+    path = write(tmp_path, kohya_file({"lora_unet": (unet, "unet")}))
+    with pytest.raises(ValueError, match="kohya LoRA file.*config= cannot be used"):
+        lorakit.PeftModel.from_pretrained(copy.deepcopy(unet), str(path), config=lorakit.LoraConfig())
