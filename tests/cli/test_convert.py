@@ -155,3 +155,16 @@ def test_help_names_the_formats():
     assert e.value.code == 0
     for word in ("SRC", "DST", "--to", "--base", "peft", "kohya", "diffusers", "--overwrite"):
         assert word in out.getvalue()
+
+
+def test_peft_itself_reads_the_converted_folders(pipeline, tmp_path):
+    peft = pytest.importorskip("peft")
+    root, base, unet, te, state = pipeline
+    code, _, err = cli("convert", root / "kohya.safetensors", tmp_path / "peft", "--to", "peft", "--base", base)
+    assert code == 0, err
+    inputs = unet_inputs()
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(unet), str(tmp_path / "peft" / "unet"))
+    torch.testing.assert_close(run_unet(theirs, inputs),
+                               run_unet(merged_by_hand(unet, state, "lora_unet", "unet", True), inputs), **TIGHT)
+    theirs_te = peft.PeftModel.from_pretrained(copy.deepcopy(te), str(tmp_path / "peft" / "text_encoder"))
+    torch.testing.assert_close(run_clip(theirs_te), run_clip(merged_by_hand(te, state, "lora_te", "te")), **TIGHT)
