@@ -50,11 +50,13 @@ _DIFFUSERS_KEY = re.compile(rf"^({'|'.join(COMPONENTS)})\.(.+)\.lora_([AB])\.wei
 
 @dataclass
 class Part:
-    """One pipeline component's adapter: PEFT's config and (prefixed) keys."""
+    """One pipeline component's adapter: PEFT's config and (prefixed) keys; ``read`` counts the source's keys it
+    came from (a kohya file's ``.alpha`` entries included)."""
 
     component: str
     config: LoraConfig
     state: dict[str, Tensor]
+    read: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,7 +77,10 @@ def read_source(src: Path, base: Optional[str], component: Optional[str]) -> tup
                              "model, so pass --base (a diffusers pipeline folder or a UNet / text encoder folder)")
         tensors, _ = read_safetensors(kohya)
         parts = from_kohya(tensors, **load_structure(base), source=str(kohya))
-        return "kohya", [Part(c, p.config, p.state_dict) for c, p in parts.items()]
+        names = {c: f"{p}_" for c, p in KOHYA_PREFIXES.items()}
+        names["text_encoder"] = ("lora_te_", "lora_te1_")
+        return "kohya", [Part(c, p.config, p.state_dict, sum(k.startswith(names[c]) for k in tensors))
+                         for c, p in parts.items()]
     weights = src / DIFFUSERS_WEIGHT_NAME if src.is_dir() else src
     if weights.is_file() and weights.suffix == ".safetensors":
         return "diffusers", _diffusers_parts(weights)
@@ -259,7 +264,7 @@ def report(kind: str, src: str, to: str, dst: str, parts: list[Part]) -> str:
     modules = []
     for part in parts:
         config, names = part.config, [k for k in strip_peft_prefix(part.state) if k.endswith(".lora_A.weight")]
-        keys += len(part.state)
+        keys += part.read or len(part.state)
         modules.append(f"{part.component} {len(names)} modules")
         for key in names:
             name = key[: -len(".lora_A.weight")]
@@ -271,4 +276,4 @@ def report(kind: str, src: str, to: str, dst: str, parts: list[Part]) -> str:
         return f"{low:g}" if low == high else f"{low:g}-{high:g}"
 
     return (f"converted {src} ({kind}) -> {dst} ({to}): {', '.join(modules)}; rank {span(ranks)}, "
-            f"alpha {span(alphas)}; {keys} tensors mapped")
+            f"alpha {span(alphas)}; {keys} keys mapped")
