@@ -155,6 +155,9 @@ class LoraModel(nn.Module):
                 module.delete_adapter(adapter_name)
             for name, original in reversed(created):
                 parent, child = parent_and_child(self.model, name)
+                layer = getattr(parent, child)
+                if isinstance(layer, LoraLayer) and adapter_name in layer.r:
+                    layer.delete_adapter(adapter_name)  # gives back a base weight PiSSA/OLoRA rewrote
                 setattr(parent, child, original)
             raise
         if adapter_name in self.active_adapters:
@@ -347,6 +350,8 @@ class LoraModel(nn.Module):
             if isinstance(module, LoraLayer):
                 if not merge and module.merged:
                     module.unmerge()
+                if not merge:
+                    module.restore_base()  # "as it was": a PiSSA/OLoRA residual goes back to the original weight
                 untied |= module.has_private_weight
                 replacement = module.base_layer
             elif isinstance(module, ModulesToSaveWrapper):
