@@ -278,8 +278,9 @@ def from_kohya(
 
     Each component the file names must be given (the diffusers ``UNet2DConditionModel``, transformers'
     ``CLIPTextModel`` / ``CLIPTextModelWithProjection``): its module names resolve kohya's underscored names. The
-    parts are what PEFT's files hold; ``PeftModel.from_pretrained(model, "file.safetensors")`` loads a kohya file
-    this way onto one component.
+    parts are what PEFT's files hold: ``peft = get_peft_model(unet, part.config)`` then
+    ``set_peft_model_state_dict(peft, part.state_dict)``. ``PeftModel.from_pretrained(model, "file.safetensors")``
+    does this for a kohya file on one component.
     """
     given = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     groups, prefixes = _split(state_dict, source)

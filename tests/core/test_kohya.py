@@ -276,3 +276,14 @@ def test_a_config_cannot_override_a_kohya_files_own(models, tmp_path):
     path = write(tmp_path, kohya_file({"lora_unet": (unet, "unet")}))
     with pytest.raises(ValueError, match="kohya LoRA file.*config= cannot be used"):
         lorakit.PeftModel.from_pretrained(copy.deepcopy(unet), str(path), config=lorakit.LoraConfig())
+
+
+def test_from_kohya_parts_load_through_the_functional_api(models):
+    unet, te = models
+    state = kohya_file({"lora_unet": (unet, "unet"), "lora_te": (te, "te")}, dtype=torch.float64)
+    parts = from_kohya(state, unet=unet, text_encoder=te)
+    ours = lorakit.get_peft_model(copy.deepcopy(unet), parts["unet"].config)
+    lorakit.set_peft_model_state_dict(ours, parts["unet"].state_dict)
+    inputs = unet_inputs()
+    torch.testing.assert_close(run_unet(ours, inputs),
+                               run_unet(merged_by_hand(unet, state, "lora_unet", "unet"), inputs), **TIGHT)
