@@ -83,8 +83,11 @@ def kohya_name(prefix: str, module_name: str) -> str:
 
 
 def is_kohya_state(state: Mapping[str, Tensor]) -> bool:
-    """Whether a dict of tensors is in kohya's format (every key a ``lora_unet_``/``lora_te…_`` name with a part)."""
-    return bool(state) and all(_NAME.match(k.split(".", 1)[0]) and "." in k for k in state)
+    """Whether a dict of tensors is meant in kohya's format: it has a ``lora_unet_…``/``lora_te…_`` key of a LoRA
+    part (``lora_down.weight``, or a LyCORIS/DoRA part, refused later by name). Its other keys are then checked
+    (and named if they fit nothing) when it is read."""
+    return any(_NAME.match(k.split(".", 1)[0]) and (k.endswith(".lora_down.weight") or k.split(".", 1)[-1]
+                                                      in _UNSUPPORTED) for k in state)
 
 
 # ----------------------------------------------------------------------------------------------------------------

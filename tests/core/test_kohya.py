@@ -175,6 +175,9 @@ def test_unknown_keys_are_named(models, tmp_path):
     with pytest.raises(ValueError, match="lora_unet_up_blocks_7_resnets_0_conv1"):
         lorakit.PeftModel.from_pretrained(model, str(path))
     assert not any("lora" in n for n, _ in model.named_modules())  # handed back untouched
+    path = write(tmp_path, {**state, "bundle_emb.sks.clip_l": torch.zeros(2, 8)}, "pivotal.safetensors")
+    with pytest.raises(ValueError, match=r"not kohya LoRA tensors .*'bundle_emb.sks.clip_l'"):
+        lorakit.PeftModel.from_pretrained(model, str(path))
     with pytest.raises(ValueError, match=r"adapts the \['text_encoder'\].*text_encoder="):
         from_kohya(kohya_file({"lora_te": (te, "te")}), unet=unet)
 
