@@ -167,3 +167,25 @@ def test_peft_itself_reads_the_converted_folders(pipeline, tmp_path):
                                run_unet(merged_by_hand(unet, state, "lora_unet", "unet", True), inputs), **TIGHT)
     theirs_te = peft.PeftModel.from_pretrained(copy.deepcopy(te), str(tmp_path / "peft" / "text_encoder"))
     torch.testing.assert_close(run_clip(theirs_te), run_clip(merged_by_hand(te, state, "lora_te", "te")), **TIGHT)
+
+
+def test_an_sdxl_file_round_trips_through_peft_folders(tmp_path):
+    from kohya_files import as_sgm, tiny_sdxl_unet
+
+    unet, te1, te2 = tiny_sdxl_unet(), tiny_clip(), tiny_clip(projection=True, hidden=12, seed=1)
+    base = tmp_path / "sdxl"
+    unet.save_config(base / "unet")
+    te1.config.save_pretrained(base / "text_encoder")
+    te2.config.save_pretrained(base / "text_encoder_2")
+    (base / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    plain = kohya_file({"lora_unet": (unet, "unet"), "lora_te1": (te1, "te"), "lora_te2": (te2, "te")}, conv=True)
+    sgm = as_sgm({k: v for k, v in plain.items() if k.startswith("lora_unet_")}, unet)
+    save_file({**sgm, **{k: v for k, v in plain.items() if not k.startswith("lora_unet_")}},
+              str(tmp_path / "sdxl.safetensors"))
+    code, out, err = cli("convert", tmp_path / "sdxl.safetensors", tmp_path / "peft", "--to", "peft", "--base", base)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["text_encoder", "text_encoder_2", "unet"]
+    code, out, err = cli("convert", tmp_path / "peft", tmp_path / "back.safetensors", "--to", "kohya")
+    assert code == 0, err
+    back = load_file(str(tmp_path / "back.safetensors"))  # SDXL block names come back as the diffusers UNet's
+    assert set(back) == set(plain) and all(torch.equal(back[k], plain[k]) for k in plain)
