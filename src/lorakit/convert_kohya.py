@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import LoraConfig
+from .config_fields import rewrites_base
 from .keys import PEFT_PREFIX
 from .targeting import pattern_value
 
@@ -393,6 +394,10 @@ def _check_config(config: LoraConfig, source: str) -> None:
                          "carry fully trained modules")
     if config.bias != "none":
         raise ValueError(f"{source} trains biases (bias={config.bias!r}); kohya's format cannot carry them")
+    if rewrites_base(config.init_lora_weights):
+        raise ValueError(f"{source} has init_lora_weights={config.init_lora_weights!r}: its factors belong to a "
+                         "rewritten base weight, which a kohya file cannot carry; save it with save_pretrained(dir, "
+                         "path_initial_model_for_weight_conversion=...) (a plain LoRA) and convert that folder")
     if config.fan_in_fan_out:
         raise ValueError(f"{source} has fan_in_fan_out=True (GPT-2 Conv1D layers); kohya's format holds nn.Linear "
                          "and nn.Conv2d LoRAs only")

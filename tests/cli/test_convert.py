@@ -189,3 +189,14 @@ def test_an_sdxl_file_round_trips_through_peft_folders(tmp_path):
     assert code == 0, err
     back = load_file(str(tmp_path / "back.safetensors"))  # SDXL block names come back as the diffusers UNet's
     assert set(back) == set(plain) and all(torch.equal(back[k], plain[k]) for k in plain)
+
+
+def test_a_pissa_folder_is_refused_naming_the_conversion(pipeline, tmp_path):
+    _, _, unet, _, _ = pipeline
+    model = lorakit.get_peft_model(copy.deepcopy(unet).float(), lorakit.LoraConfig(
+        r=2, target_modules=["to_q"], init_lora_weights="pissa"))
+    model.save_pretrained(tmp_path / "pissa")
+    for to, dst in (("kohya", tmp_path / "k.safetensors"), ("diffusers", tmp_path / "d")):
+        code, _, err = cli("convert", tmp_path / "pissa", dst, "--to", to)
+        assert code == 1 and "init_lora_weights='pissa'" in err, err
+    assert not (tmp_path / "k.safetensors").exists() and not (tmp_path / "d").exists()

@@ -236,6 +236,9 @@ def test_what_kohya_cannot_carry_is_refused(models):
             target_modules=["to_q"], modules_to_save=["conv_out"])))
     with pytest.raises(ValueError, match="token_embedding is a Embedding"):
         to_kohya(lorakit.get_peft_model(copy.deepcopy(te), lorakit.LoraConfig(target_modules=["token_embedding"])))
+    with pytest.raises(ValueError, match="init_lora_weights='pissa'.*path_initial_model_for_weight_conversion"):
+        to_kohya(lorakit.get_peft_model(copy.deepcopy(unet), lorakit.LoraConfig(
+            target_modules=["to_q"], init_lora_weights="pissa")))
     with pytest.raises(ValueError, match="both given"):
         model = lorakit.get_peft_model(copy.deepcopy(unet), lorakit.LoraConfig(target_modules=["to_q"]))
         to_kohya(model, unet=model)

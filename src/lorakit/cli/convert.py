@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from lorakit.checkpoint import SAFETENSORS_NAME, read_weights
 from lorakit.config import CONFIG_NAME, LoraConfig, config_json, read_config
+from lorakit.config_fields import rewrites_base
 from lorakit.convert import from_kohya, peft_to_kohya, strip_peft_prefix
 from lorakit.convert_kohya import KOHYA_PREFIXES
 from lorakit.io import atomic_write_many
@@ -233,6 +234,10 @@ def _check_plain(part: Part) -> None:
     if other or part.config.modules_to_save or part.config.bias != "none":
         raise ValueError(f"the {part.component} adapter carries {other[:5] or 'modules_to_save or biases'}, which "
                          "diffusers' LoRA files cannot hold")
+    if rewrites_base(part.config.init_lora_weights) or part.config.fan_in_fan_out:
+        raise ValueError(f"the {part.component} adapter is not a plain LoRA of Linear/Conv layers "
+                         f"(init_lora_weights={part.config.init_lora_weights!r}, fan_in_fan_out="
+                         f"{part.config.fan_in_fan_out}); diffusers' LoRA files cannot hold it")
 
 
 # ----------------------------------------------------------------------------------------------------------------
