@@ -16,8 +16,9 @@ from torch import nn
 
 from .checkpoint import FileAdapter, LoadResult, check_same_scaling, load_options, read_weights, save_adapters
 from .config import LoraConfig, read_config
-from .mixed_batch import prompt_count
 from .hub import push_to_hub
+from .kohya_file import kohya_file, read_kohya
+from .mixed_batch import prompt_count
 from .model import LoraModel
 from .model_card import write_model_card
 from .walk import activation_checkpointing
@@ -196,8 +197,9 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> "PeftModel":
         """Wrap ``model`` with the saved adapter; frozen and in eval mode unless ``is_trainable``. The class follows
-        the config's ``task_type`` when called on ``PeftModel`` itself, as in PEFT. On any error ``model`` is handed
-        back untouched (unwrapped, flags restored)."""
+        the config's ``task_type`` when called on ``PeftModel`` itself, as in PEFT. ``model_id`` may also be a kohya
+        (A1111/ComfyUI) ``.safetensors`` file, or a folder holding only one (:mod:`lorakit.kohya_file`). On any
+        error ``model`` is handed back untouched (unwrapped, flags restored)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(model, PeftModel):
@@ -205,13 +207,17 @@ class PeftModel(nn.Module):
         if not isinstance(is_trainable, bool):
             raise TypeError(f"is_trainable must be a bool, got {is_trainable!r}")
         hub, allow_pickle, autocast = load_options(kwargs)
-        if config is None:
+        kohya = kohya_file(model_id, subfolder)
+        if kohya is not None:  # an A1111/ComfyUI file: config and keys from its tensors and the model's names
+            config, tensors, source = read_kohya(kohya, model, config)
+        elif config is None:
             config = read_config(model_id, subfolder, revision, **hub)
         elif not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a lorakit LoraConfig, got {type(config).__name__}")
         else:
             config = copy.deepcopy(config)
-        tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, **hub)
+        if kohya is None:
+            tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, **hub)
         config.inference_mode = not is_trainable
         if cls is PeftModel:
             cls = peft_model_class(config.task_type)
@@ -245,8 +251,12 @@ class PeftModel(nn.Module):
             raise TypeError(f"is_trainable must be a bool, got {is_trainable!r}")
         hub, allow_pickle, autocast = load_options(kwargs)
         lora_model = self.base_model
-        config = read_config(model_id, subfolder, revision, **hub)
-        tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, **hub)
+        kohya = kohya_file(model_id, subfolder)
+        if kohya is not None:
+            config, tensors, source = read_kohya(kohya, self.get_base_model())
+        else:
+            config = read_config(model_id, subfolder, revision, **hub)
+            tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, **hub)
         if adapter_name in lora_model.peft_config:
             check_same_scaling(lora_model.peft_config[adapter_name], config, adapter_name, source)
             fit = FileAdapter(lora_model, adapter_name, tensors, source)

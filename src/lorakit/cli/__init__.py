@@ -1,4 +1,4 @@
-"""The ``lorakit`` command: ``finetune``, ``merge`` and ``inspect`` (the application layer over the library core).
+"""The ``lorakit`` command: ``finetune``, ``merge``, ``inspect`` and ``convert`` (the application layer over the library core).
 
 Mistakes the user can fix (a missing file, a bad JSONL line or recipe key, an unknown module name, a number out
 of range, a model that will not load, a device that is not there or runs out of memory) are reported as one
@@ -117,6 +117,22 @@ def _inspect_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def _convert_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "convert", parents=[common], help="convert an adapter between PEFT's, kohya's (A1111/ComfyUI) and diffusers' "
+        "LoRA files", description="Convert a LoRA adapter between file formats: a PEFT folder, a kohya .safetensors "
+        "file (sd-scripts, A1111, ComfyUI), a diffusers pytorch_lora_weights.safetensors. The source format is "
+        "detected; the output is written atomically.")
+    p.add_argument("src", metavar="SRC", help="adapter folder or .safetensors file")
+    p.add_argument("dst", metavar="DST", help="output: a folder (peft, diffusers) or a .safetensors file (kohya)")
+    p.add_argument("--to", required=True, choices=("peft", "kohya", "diffusers"), help="format to write")
+    p.add_argument("--base", metavar="DIR", help="the base model's folder (a diffusers pipeline, or one UNet / text "
+                   "encoder folder); needed to read kohya files, whose module names are resolved against it")
+    p.add_argument("--component", choices=("unet", "text_encoder", "text_encoder_2"),
+                   help="which pipeline component a PEFT adapter belongs to (default: guessed from its module names)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST's files if they exist")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorakit",
@@ -131,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _finetune_parser(sub, common)
     _merge_parser(sub, common)
     _inspect_parser(sub, common)
+    _convert_parser(sub, common)
     return parser
 
 
@@ -161,7 +178,13 @@ def _inspect(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2) if args.json else format_table(info))
 
 
-COMMANDS = {"finetune": _finetune, "merge": _merge, "inspect": _inspect}
+def _convert(args: argparse.Namespace) -> None:
+    from .convert import convert
+
+    print(convert(args.src, args.dst, args.to, args.base, args.component, args.overwrite))
+
+
+COMMANDS = {"finetune": _finetune, "merge": _merge, "inspect": _inspect, "convert": _convert}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
