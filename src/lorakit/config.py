@@ -181,7 +181,9 @@ class LoraConfig(PeftConfig):
         if self.bias not in _BIAS_CHOICES:
             raise _bad("bias", self.bias, f"one of {_BIAS_CHOICES}")
         check_init_lora_weights(self.init_lora_weights)
-        for name in ("fan_in_fan_out", "use_rslora", "inference_mode"):
+        if self.use_dora is None:  # how older PEFT files write it off
+            self.use_dora = False
+        for name in ("fan_in_fan_out", "use_rslora", "use_dora", "inference_mode"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "a bool", TypeError)
         if self.peft_type != "LORA":

@@ -53,7 +53,6 @@ METADATA_FIELDS = ("peft_version", "lorakit_version", "auto_mapping", "runtime_c
 # PEFT fields lorakit stores but does not implement: the values at which they change nothing, and why any other is
 # refused. ``None``/``False``/``{}``/``[]`` in a tuple are compared by equality.
 UNSUPPORTED_FIELDS: dict[str, tuple[tuple, str]] = {
-    "use_dora": ((False, None), "DoRA (weight-decomposed LoRA) is not implemented yet"),
     "lora_bias": ((False, None), "a trainable bias on lora_B is not implemented yet"),
     "target_parameters": ((None, []), "LoRA on bare nn.Parameters (e.g. MoE experts) is not implemented yet"),
     "trainable_token_indices": ((None, {}, []), "training selected embedding rows is not implemented yet"),

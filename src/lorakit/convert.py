@@ -12,7 +12,8 @@ PEFT's format (``adapter_model.safetensors``), which lorakit writes too:
 
 - every key starts with ``base_model.model.``; the adapter's name is not in the keys;
 - ``<module>.lora_A.weight`` / ``.lora_B.weight`` (Linear, Conv, GPT-2 Conv1D);
-  ``<module>.lora_embedding_A`` / ``.lora_embedding_B`` (Embedding);
+  ``<module>.lora_embedding_A`` / ``.lora_embedding_B`` (Embedding); a DoRA adapter's magnitude as
+  ``<module>.lora_magnitude_vector`` (no ``.weight``, which it has in the model);
 - ``modules_to_save`` copies as the module's own parameters: ``classifier.weight``, not
   ``classifier.modules_to_save.default.weight``;
 - trained biases under their path: ``<module>.base_layer.bias`` for adapted layers, ``<module>.bias`` otherwise.
@@ -35,6 +36,10 @@ from .keys import PEFT_PREFIX, PER_ADAPTER
 
 __all__ = ["PEFT_PREFIX", "to_peft_key", "peft_key_aliases", "to_peft", "from_peft", "strip_peft_prefix",
            "KohyaAdapter", "from_kohya", "to_kohya", "peft_to_kohya", "is_kohya_state"]
+
+
+#: a DoRA magnitude is ``lora_magnitude_vector.<name>.weight`` in the model and ``lora_magnitude_vector`` in files
+_MAGNITUDE_WEIGHT = re.compile(r"(?:^|(?<=\.))(lora_magnitude_vector)\.weight$")
 
 
 def _drop_adapter_name(key: str, adapter_name: str, keep_container: bool) -> str:
@@ -60,7 +65,7 @@ def _drop_adapter_name(key: str, adapter_name: str, keep_container: bool) -> str
 
 def to_peft_key(key: str, adapter_name: str) -> str:
     """PEFT's name (without the ``base_model.model.`` prefix) of a lorakit adapter key."""
-    return _drop_adapter_name(key, adapter_name, keep_container=False)
+    return _MAGNITUDE_WEIGHT.sub(r"\1", _drop_adapter_name(key, adapter_name, keep_container=False))
 
 
 def peft_key_aliases(key: str, adapter_name: str) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["MergeRecord", "Scratch", "merge_exact", "unmerge_exact"]
+__all__ = ["MergeRecord", "Scratch", "merge_exact", "unmerge_exact", "restore_record", "apply_record"]
 
 _BLOCK = 1 << 16  # positions are 16-bit offsets inside blocks of this many elements
 _INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-size integer view of each float
@@ -145,3 +145,34 @@ def _record(index: Tensor, steps: Tensor, numel: int, escape_index: Tensor, esca
     counts = torch.searchsorted(index, bounds).diff().to(torch.int32)
     offsets = ((index & (_BLOCK - 1)) - _BLOCK // 2).to(torch.int16)
     return MergeRecord(counts, offsets, steps, escape_index, escape_bits)
+
+
+def restore_record(original: Tensor, restored: Tensor) -> MergeRecord:
+    """The record that turns ``restored`` back into ``original`` bit for bit (same number of elements and dtype),
+    in :class:`MergeRecord`'s format: for merges that are not a plain added product, such as DoRA's row rescale
+    (:mod:`lorakit.layers.dora`), whose undoing is computed first and then corrected with :func:`apply_record`."""
+    if original.dtype != restored.dtype or original.numel() != restored.numel():
+        raise ValueError(f"restore_record needs tensors of one dtype and size, got {original.dtype} "
+                         f"{tuple(original.shape)} and {restored.dtype} {tuple(restored.shape)}")
+    ints = _INT[original.element_size()]
+    with torch.no_grad():
+        bits = original.contiguous().view(ints).reshape(-1)
+        k = bits - restored.contiguous().view(ints).reshape(-1)  # wrapping integer difference
+        index = k.nonzero().squeeze(1)
+        steps = k.index_select(0, index)
+        escape_index = index[:0]
+        if steps.numel() and (int(steps.min()) < -128 or int(steps.max()) > 127):
+            fits = (steps >= -128) & (steps <= 127)
+            escape_index, index, steps = index[~fits], index[fits], steps[fits]
+        return _record(index, steps.to(torch.int8), bits.numel(), escape_index, bits.index_select(0, escape_index))
+
+
+def apply_record(weight: Tensor, record: MergeRecord) -> None:
+    """Correct ``weight`` (contiguous) in place with a :func:`restore_record`: afterwards it is the original."""
+    if not weight.is_contiguous():
+        raise ValueError("apply_record needs a contiguous weight")
+    with torch.no_grad():
+        bits = weight.view(_INT[weight.element_size()]).view(-1)
+        if record.steps.numel():
+            bits.index_add_(0, record.flat_index(), record.steps.to(bits.dtype))
+        bits.index_copy_(0, record.escape_index, record.escape_bits)

@@ -144,7 +144,8 @@ class LoraModel(nn.Module):
                 else:
                     updated.append(module)
                 module.update_layer(  # trainable only if active: the cost does not grow with the adapter count
-                    adapter_name, t.r, t.alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora
+                    adapter_name, t.r, t.alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora,
+                    use_dora=config.use_dora,
                 )
                 if not autocast_adapter_dtype:
                     module.keep_base_dtype(adapter_name)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..exact_merge import Scratch, merge_exact, unmerge_exact
 from ..ops import adapter_dtype, kaiming_uniform_, lora_delta, lora_factors, lora_scaling
 from .construction import init_module, new_module
+from .dora import DoraMixin
 from .init import check_base_rewrite, restore_base
 from .rows import RowAdapters, StackCache
 
@@ -30,16 +31,17 @@ def factor_weight(module: nn.Module) -> Tensor:
     return module.weight if weight is None else weight
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(DoraMixin, nn.Module):
     """A base layer plus any number of named low-rank adapters.
 
     Subclasses say how to build one adapter's factors (:meth:`_create_factors`), how to read them as tensors in
     PEFT's orientation (:meth:`factors`) and how to add one adapter's output (:meth:`_add_adapter_output`).
-    Everything else (adapter bookkeeping, merge, unmerge, delete) lives here, once.
+    Everything else (adapter bookkeeping, merge, unmerge, delete) lives here, once; DoRA adapters are a part
+    composed in (:class:`~lorakit.layers.dora.DoraMixin`).
     """
 
     #: names of the ModuleDict/ParameterDict attributes holding per-adapter tensors (for save/load and deletion)
-    adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B")
+    adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B", "lora_magnitude_vector")
     #: ``True`` where the base weight is stored ``in × out``
     transpose_delta: bool = False
 
@@ -52,6 +54,7 @@ class LoraLayer(nn.Module):
             lora_A=new_module(nn.ModuleDict),
             lora_B=new_module(nn.ModuleDict),
             lora_dropout=new_module(nn.ModuleDict),
+            lora_magnitude_vector=new_module(nn.ModuleDict),  # DoRA adapters only
         )
         vars(self).update(
             training=base_layer.training,  # new parts follow the mode of the layer they adapt
@@ -62,6 +65,8 @@ class LoraLayer(nn.Module):
             _fixups={},  # per merged adapter, the MergeRecord that makes unmerging exact
             _own_weight_of=None,  # the shared weight we copied away from on merge
             _live=(),  # adapters the forward adds: active, present, unmerged, not disabled
+            _dora_live=False,  # whether any of them is a DoRA adapter
+            _dora_cache={},  # DoRA weight norms (see lorakit.layers.dora)
             _rows=None,  # set for the length of one mixed-batch call
             _stack_cache=None,
             base_rewrite=None,  # a PiSSA/OLoRA adapter's rewrite of the base weight (lorakit.layers.init)
@@ -85,8 +90,10 @@ class LoraLayer(nn.Module):
         lora_dropout: float = 0.0,
         init_lora_weights=True,
         use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
-        """Add (or replace) the adapter ``adapter_name`` with rank ``r``; its weights follow ``init_lora_weights``."""
+        """Add (or replace) the adapter ``adapter_name`` with rank ``r``; its weights follow ``init_lora_weights``;
+        ``use_dora`` makes it a DoRA adapter (:mod:`lorakit.layers.dora`)."""
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"rank r={r!r} for adapter {adapter_name!r} is invalid: expected a positive int")
         check_base_rewrite(self, adapter_name)
@@ -103,6 +110,8 @@ class LoraLayer(nn.Module):
         self.use_rslora[adapter_name] = use_rslora
         self.scaling[adapter_name] = lora_scaling(lora_alpha, r, use_rslora)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self._dora_cache.clear()
+        self.set_dora(adapter_name, use_dora)
         trainable = adapter_name in self.active_adapters
         for p in self._adapter_parameters(adapter_name):
             p.requires_grad_(trainable)
@@ -169,7 +178,13 @@ class LoraLayer(nn.Module):
             rows.for_batch(x.shape[0])  # every layer checks the rows it receives, even where it adds nothing
             if self.disable_adapters or self.r.keys().isdisjoint(rows.names):
                 return out
+            if not self.lora_magnitude_vector.keys().isdisjoint(rows.names):  # DoRA rows: adapter by adapter
+                return LoraLayer._add_row_outputs(self, out, x, rows)
             return self._add_row_outputs(out, x, rows)
+        if self._dora_live:
+            for name in self._live:
+                out = self._adapter_output(out, x, name)
+            return out
         for name in self._live:
             out = self._add_adapter_output(out, x, name)
         return out
@@ -188,7 +203,7 @@ class LoraLayer(nn.Module):
                 continue
             picked = (index == i).nonzero().squeeze(1)
             if picked.numel():
-                out = out.index_copy(0, picked, self._add_adapter_output(out[picked], x[picked], name))
+                out = out.index_copy(0, picked, self._adapter_output(out[picked], x[picked], name))
         return out
 
     def _stacked_factors(self, names: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -297,15 +312,18 @@ class LoraLayer(nn.Module):
         if self.base_rewrite is not None and self.base_rewrite.adapter_name == adapter_name:
             restore_base(self)  # its PiSSA/OLoRA residual goes with it: the original weight, bit for bit
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+        self._dora_cache.pop(adapter_name, None)
         self._refresh()
 
     def _refresh(self) -> None:
         """Recompute, once per state change, which adapters the forward adds (keeps the hot path free of checks)."""
         self._stack_cache = None  # adapters added, deleted, merged: let the old stacks go
+        self._dora_cache.clear()  # merges write through .data, which no version counter sees
         if self.disable_adapters:
             self._live = ()
         else:
             self._live = tuple(a for a in self.active_adapters if a in self.r and a not in self.merged_adapters)
+        self._dora_live = any(a in self.lora_magnitude_vector for a in self._live)
 
     def restore_base(self) -> None:
         """Give the base layer its original weight back if a PiSSA/OLoRA adapter rewrote it (``unload()``)."""
@@ -318,9 +336,7 @@ class LoraLayer(nn.Module):
     def check_finite_merge(self, adapter_names: Sequence[str]) -> None:
         """Raise ``ValueError`` if merging any of ``adapter_names`` would put inf/nan into the weight."""
         weight = self.base_layer.weight
-        total = weight.to(torch.promote_types(weight.dtype, torch.float32))
-        for name in adapter_names:
-            total = total + self.delta_weight(name)
+        for name, total in self._merged_weights(adapter_names):
             if not torch.isfinite(total.to(weight.dtype)).all():
                 raise ValueError(
                     f"merging adapter {name!r} would put non-finite values into {type(self.base_layer).__name__}'s "
@@ -350,22 +366,30 @@ class LoraLayer(nn.Module):
             self.base_layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
             self._own_weight_of = shared
         scratch = scratch or Scratch()
+        scales = self._dora_scales(names)  # all from the weight before this merge, as the forward sees it
         for name in names:
-            self._fixups[name] = merge_exact(self.base_layer.weight.data, *self._merge_factors(name), scratch,
-                                             record=reversible)
+            if name in scales:
+                self._fixups[name] = self._merge_dora(name, scales[name], reversible)
+            else:
+                self._fixups[name] = merge_exact(self.base_layer.weight.data, *self._merge_factors(name), scratch,
+                                                 record=reversible)
             self.merged_adapters.append(name)
         self._refresh()
 
     def unmerge(self, scratch: Optional[Scratch] = None) -> None:
         """Subtract every merged adapter, last merged first, restoring the original weight bit for bit."""
-        irreversible = [n for n in self.merged_adapters if self._fixups[n] is None]
+        irreversible = [n for n in self.merged_adapters if getattr(self._fixups[n], "record", self._fixups[n]) is None]
         if irreversible:
             raise ValueError(f"adapter(s) {irreversible} were merged with reversible=False (for unloading); "
                              "they cannot be unmerged")
         scratch = scratch or Scratch()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            unmerge_exact(self.base_layer.weight.data, *self._merge_factors(name), self._fixups.pop(name), scratch)
+            record = self._fixups.pop(name)
+            if name in self.lora_magnitude_vector:
+                self._unmerge_dora(name, record)
+            else:
+                unmerge_exact(self.base_layer.weight.data, *self._merge_factors(name), record, scratch)
         if self._own_weight_of is not None:
             self.base_layer.weight = self._own_weight_of
             self._own_weight_of = None

@@ -20,6 +20,8 @@ class Conv(LoraLayer):
     own weight, so the LoRA branch sees exactly the input transformation the base applies.
     """
 
+    supports_dora = True
+
     def __init__(self, base_layer: nn.modules.conv._ConvNd) -> None:
         super().__init__(base_layer)
         vars(self).update(in_features=base_layer.in_channels, out_features=base_layer.out_channels,

@@ -16,8 +16,9 @@ __all__ = ["Embedding"]
 class Embedding(LoraLayer):
     """``nn.Embedding``: A is ``r × num_embeddings`` and is looked up like the base table, B is ``dim × r``."""
 
-    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
+    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     transpose_delta = True
+    supports_dora = True
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)

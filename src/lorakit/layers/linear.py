@@ -36,6 +36,8 @@ def is_conv1d(module: nn.Module) -> bool:
 class Linear(LoraLayer):
     """``nn.Linear`` and transformers' GPT-2 ``Conv1D`` (weight stored ``in × out``, detected by class)."""
 
+    supports_dora = True
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         transpose = is_conv1d(base_layer)
@@ -71,7 +73,7 @@ class Linear(LoraLayer):
         base = self._modules["base_layer"]
         params = base._parameters
         if (
-            args or kwargs or self._rows is not None
+            args or kwargs or self._rows is not None or self._dora_live
             or type(base) is not nn.Linear or nn.Linear.forward is not _LINEAR_FORWARD or "forward" in base.__dict__
             or base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
             or _global_forward_hooks or _global_forward_pre_hooks
