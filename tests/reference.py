@@ -42,3 +42,16 @@ def dense_linear(layer, x: torch.Tensor, name) -> torch.Tensor:
         W = W + dense_update(*layer.factors(name), layer.scaling[name])
     bias = layer.base_layer.bias
     return x @ W.T + (0 if bias is None else bias.detach().double())
+
+
+def dense_dora_weight(layer, name: str = "default") -> torch.Tensor:
+    """DoRA's adapted weight ``m / ‖W + ΔW‖ ⊙ (W + ΔW)`` in float64, shaped like the base weight: the norm per
+    output (rows of Linear/conv weights, columns of the ``in × out`` weights of embeddings and GPT-2 Conv1D),
+    taken densely over everything else; ``m`` is the layer's ``lora_magnitude_vector[name].weight``."""
+    W = layer.base_layer.weight.detach().double() + dense_delta(layer, name)
+    m = layer.lora_magnitude_vector[name].weight.detach().double().reshape(-1)
+    columns = type(layer).__name__ == "Embedding" or getattr(layer, "fan_in_fan_out", False)
+    if columns:
+        return W * (m / W.norm(dim=0)).reshape(1, -1)
+    norm = W.flatten(1).norm(dim=1)
+    return W * (m / norm).reshape(-1, *[1] * (W.dim() - 1))

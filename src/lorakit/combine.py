@@ -258,6 +258,11 @@ def _check_adapters_and_weights(lora_model, adapters, weights) -> tuple[list[str
         raise ValueError(f"got {len(adapters)} adapters {adapters} but {len(weights)} weights {weights}: "
                          "expected one weight per adapter")
     check_adapter_names(adapters, lora_model.peft_config)
+    dora = [a for a in adapters if getattr(lora_model.peft_config[a], "use_dora", False)]
+    if dora:
+        raise ValueError(f"adapter(s) {dora} are DoRA adapters (use_dora=True): a DoRA update rescales each output "
+                         "by its own magnitude over the norm of its own W + ΔW, so a weighted sum of DoRA adapters "
+                         "has no exact meaning; combine plain LoRA adapters only")
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
             raise ValueError(f"weights must be finite real numbers, got {weights}")

@@ -83,6 +83,9 @@ def to_diffusers(
             f"adapter {adapter_name!r} has modules_to_save {list(config.modules_to_save)}; diffusers' LoRA files "
             "cannot carry fully trained modules"
         )
+    if getattr(config, "use_dora", False):
+        raise ValueError(f"adapter {adapter_name!r} is a DoRA adapter (use_dora=True); this export writes plain "
+                         "LoRA factors and cannot carry its magnitude vectors")
     if config.bias != "none":
         raise ValueError(f"adapter {adapter_name!r} trains biases (bias={config.bias!r}); diffusers cannot load them")
     if not isinstance(prefix, str):

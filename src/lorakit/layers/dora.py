@@ -30,13 +30,14 @@ What differs from PEFT (each has a test):
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..exact_merge import MergeRecord, apply_record, restore_record
+from ..exact_merge import MergeRecord, apply_record, restore_record, unmerge_exact
 from .construction import init_module
 
 __all__ = ["Magnitude", "DoraRecord", "DoraMixin", "weight_norm", "dora_scale", "dora_combine", "dora_merge",
@@ -225,9 +226,10 @@ class DoraMixin:
         scaling = self.scaling[adapter_name]
         key = None
         if not self.training and not (weight.is_inference() or A.is_inference() or B.is_inference()):
-            key = (weight, weight._version, weight.data_ptr(), A, A._version, B, B._version, scaling)
+            tensors = (weight, A, B)
+            key = (tensors, (weight._version, weight.data_ptr(), A._version, B._version, scaling))
             hit = self._dora_cache.get(adapter_name)
-            if hit is not None and len(hit[0]) == len(key) and all(a is b or a == b for a, b in zip(hit[0], key)):
+            if hit is not None and all(map(operator.is_, hit[0][0], tensors)) and hit[0][1] == key[1]:
                 return hit[1]
         norm = weight_norm(weight, A, B, scaling, self.transpose_delta, self._squared_norms(weight))
         if key is not None:
@@ -262,9 +264,36 @@ class DoraMixin:
 
     # -- merging ----------------------------------------------------------------------------------------------------
     def _dora_scales(self, adapter_names: Sequence[str]) -> dict[str, Tensor]:
-        """``g`` of every DoRA adapter among ``adapter_names``, from the weight as it is now: what the unmerged
-        forward uses, so merging them in any order keeps the outputs."""
-        return {n: self._dora_scale(n).detach().reshape(-1) for n in adapter_names if n in self.lora_magnitude_vector}
+        """``g`` of every DoRA adapter among ``adapter_names``, from the weight with no adapter merged (as PEFT):
+        merged in one call or several, in the active order, they give what the unmerged forward gives."""
+        names = [n for n in adapter_names if n in self.lora_magnitude_vector]
+        if not names:
+            return {}
+        weight = self._unmerged_weight()
+        scales = {}
+        for name in names:
+            A, B = self.factors(name)
+            norm = weight_norm(weight, A, B, self.scaling[name], self.transpose_delta)
+            scales[name] = dora_scale(self._magnitude(name).detach(), norm).reshape(-1)
+        return scales
+
+    def _unmerged_weight(self) -> Tensor:
+        """The base weight without the adapters merged into it: the weight itself, or, while some are merged, a
+        copy with them taken out exactly."""
+        weight = self.base_layer.weight.detach()
+        if not self.merged_adapters:
+            return weight
+        copy = weight.clone()
+        for name in reversed(self.merged_adapters):
+            record = self._fixups[name]
+            if getattr(record, "record", record) is None:
+                raise ValueError(f"adapter {name!r} was merged with reversible=False; the weight without it, which "
+                                 "a DoRA adapter's norm is taken from, is gone")
+            if isinstance(record, DoraRecord):
+                dora_unmerge(copy, *self._merge_factors(name), record, self.transpose_delta)
+            else:
+                unmerge_exact(copy, *self._merge_factors(name), record)
+        return copy
 
     def _merge_dora(self, adapter_name: str, g: Tensor, reversible: bool) -> DoraRecord:
         left, right, scale = self._merge_factors(adapter_name)
