@@ -11,7 +11,7 @@ rose above where it stood before that step. glibc is told to serve every large a
 A second figure, measured on a third step, is the size of the tensors autograd saved for backward (distinct
 storages, parameters excluded): it shows directly whether a dropped copy of each input is kept.
 
-Run as ``python -m benchmarks.memory --lib lorakit|peft [--threads N] [--tiny]``; prints one JSON line.
+Run as ``python -m benchmarks.memory --lib lorakit|peft [--threads N] [--tiny] [--dora]``; prints one JSON line.
 """
 
 from __future__ import annotations
@@ -64,16 +64,23 @@ def saved_for_backward(step) -> int:
     return sum(seen.values())
 
 
-def worker(lib_name: str, tiny: bool, threads: int) -> dict:
+def worker(lib_name: str, tiny: bool, threads: int, dora: bool = False) -> dict:
     import torch
 
     from . import workloads as w
 
     torch.set_num_threads(threads)
     scale = w.TINY if tiny else w.FULL
-    model = w.wrap(w.library(lib_name), w.llama(scale.model), scale, dropout=DROPOUT)
+    if dora:  # the DoRA section's model and batch (benchmarks.dora)
+        from . import dora as d
+
+        model = d.wrap(w.library(lib_name), w.llama(scale.model if tiny else d.MODEL), scale, dropout=DROPOUT)
+        ids = w.token_ids(scale, *(scale.train if tiny else d.TRAIN))
+    else:
+        model = w.wrap(w.library(lib_name), w.llama(scale.model), scale, dropout=DROPOUT)
+        ids = w.token_ids(scale, *scale.train)
     model.train()
-    step = w.TrainStep(model, w.token_ids(scale, *scale.train))
+    step = w.TrainStep(model, ids)
     step()
     gc.collect()
     exact = _reset_peak()
@@ -91,13 +98,15 @@ def worker(lib_name: str, tiny: bool, threads: int) -> dict:
     }
 
 
-def measure(lib_name: str, tiny: bool, threads: int, timeout: float = 900) -> dict:
+def measure(lib_name: str, tiny: bool, threads: int, timeout: float = 900, dora: bool = False) -> dict:
     """Run :func:`worker` in a fresh interpreter and return its result."""
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
     cmd = [sys.executable, "-m", "benchmarks.memory", "--lib", lib_name, "--threads", str(threads)]
     if tiny:
         cmd.append("--tiny")
+    if dora:
+        cmd.append("--dora")
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
@@ -110,11 +119,12 @@ def main() -> None:
     parser.add_argument("--lib", required=True, choices=["lorakit", "peft"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--dora", action="store_true", help="the DoRA section's model, use_dora=True")
     args = parser.parse_args()
     import warnings
 
     warnings.filterwarnings("ignore")
-    print(json.dumps(worker(args.lib, args.tiny, args.threads)))
+    print(json.dumps(worker(args.lib, args.tiny, args.threads, args.dora)))
 
 
 if __name__ == "__main__":
