@@ -145,6 +145,21 @@ def test_outputs_and_gradients_equal_peft(case, training):
     assert checked >= 1
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+def test_half_precision_bases_match_peft_to_rounding(dtype, atol):
+    """Adapters (magnitudes included) stay float32 on a half-precision base, in both libraries; the outputs agree
+    to the base dtype's rounding (bf16: 2⁻⁸ relative)."""
+    ours, theirs = lorakit_and_peft(tiny_llama().to(dtype), dict(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                 use_dora=True, target_modules="all-linear"))
+    perturb_magnitudes(ours)
+    copy_magnitudes(ours, theirs)
+    assert {p.dtype for n, p in ours.named_parameters() if "magnitude" in n} == {torch.float32}
+    ids = token_ids()
+    a, b = ours(ids).logits, theirs(ids).logits
+    assert a.dtype == b.dtype == dtype
+    torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=0)
+
+
 def test_magnitudes_have_peft_shapes_and_start_at_the_norm():
     torch.manual_seed(0)
     ours, theirs = lorakit_and_peft(CustomNet(dilation=(1, 1)).eval(), dict(r=2, use_dora=True,
@@ -217,9 +232,17 @@ def test_two_active_dora_adapters_and_a_lora_one_compose_as_in_peft():
 
 
 # -- merging -------------------------------------------------------------------------------------------------------
-def _model_with_adapters(dtype, dora_flags, targets=("q_proj", "v_proj", "embed_tokens", "down_proj")):
+ARCHS = {  # model, targets: every layer kind, fan_in_fan_out and a tied embedding among them
+    "llama": (tiny_llama, ["q_proj", "v_proj", "embed_tokens", "down_proj"]),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_fc", "wte"]),
+    "convs": (lambda: CustomNet(dilation=(1, 1)), ["emb", "conv1d", "conv2d", "lin1"]),
+}
+
+
+def _model_with_adapters(dtype, dora_flags, arch="llama"):
+    make, targets = ARCHS[arch]
     torch.manual_seed(0)
-    base = tiny_llama().to(dtype)
+    base = make().to(dtype)
     kw = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=list(targets))
     model = get_peft_model(base, LoraConfig(use_dora=dora_flags[0], **kw), adapter_name="a0")
     for i, dora in enumerate(dora_flags[1:], start=1):
@@ -232,11 +255,12 @@ def _bits(model):
     return {n: p.detach().clone().view(INT[p.dtype]) for n, p in model.named_parameters() if "lora_" not in n}
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("flags", [(True,), (True, True), (True, False, True), (False, True)],
                          ids=["one-dora", "two-dora", "dora-lora-dora", "lora-dora"])
-def test_merge_unmerge_restores_the_weights_bit_for_bit_over_many_cycles(dtype, flags):
-    model = _model_with_adapters(dtype, flags)
+def test_merge_unmerge_restores_the_weights_bit_for_bit_over_many_cycles(dtype, flags, arch):
+    model = _model_with_adapters(dtype, flags, arch)
     names = [f"a{i}" for i in range(len(flags))]
     original = _bits(model)
     for cycle in range(6):
@@ -249,19 +273,21 @@ def test_merge_unmerge_restores_the_weights_bit_for_bit_over_many_cycles(dtype, 
         assert all(torch.equal(now[k], original[k]) for k in original), cycle
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("flags", [(True, True), (True, False), (False, True), (True, False, True)])
-def test_merged_adapters_give_the_unmerged_outputs(flags):
-    model = _model_with_adapters(torch.float32, flags).eval()
+def test_merged_adapters_give_the_unmerged_outputs(flags, arch):
+    """PEFT issue 3608: two DoRA adapters merged into one layer gave 2.6–13.9 % output error."""
+    model = _model_with_adapters(torch.float32, flags, arch).eval()
     names = [f"a{i}" for i in range(len(flags))]
     model.base_model.set_adapter(names)
-    ids = token_ids()
-    unmerged = model(ids).logits
+    ids = custom_inputs() if arch == "convs" else token_ids()
+    unmerged = _logits(model(ids))
     model.merge_adapter(names)
-    torch.testing.assert_close(model(ids).logits, unmerged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(model(ids)), unmerged, atol=1e-5, rtol=0)
     model.unmerge_adapter()
     model.merge_adapter(names[:1])  # one now, the others later: still the outputs the forward gave
     model.merge_adapter(names[1:])
-    torch.testing.assert_close(model(ids).logits, unmerged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(model(ids)), unmerged, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("targets", [["c_attn", "c_fc"], ["wte"]])

@@ -63,6 +63,8 @@ def _finetune_parser(sub, common: argparse.ArgumentParser) -> None:
     add("--targets", str, d.targets, "modules to adapt: 'all-linear' (every linear layer but the output head) or "
         "names separated by commas, e.g. q_proj,v_proj", "NAMES")
     add("--dropout", float, d.dropout, "dropout on the LoRA branch input, in [0, 1)")
+    p.add_argument("--dora", action="store_true", help="DoRA: weight-decomposed LoRA, a trained magnitude per output "
+                   "(PEFT's use_dora=True)")
     add("--lr", float, d.lr, "peak learning rate of AdamW (10%% warm-up, cosine decay to 10%%)")
     add("--steps", int, d.steps, "optimizer steps")
     add("--batch-size", int, d.batch_size, "examples per step")

@@ -137,7 +137,8 @@ def _log_setup(prep: Prepared, log: Callable[[str], None], loaded: LoadedModel, 
         log(f"adapter   {settings.adapter}: r={c.r} alpha={c.lora_alpha:g} on {n_layers} modules ({targets}), "
             f"{size:,} parameters; scored without training")
         return
-    log(f"lora      r={settings.r} alpha={settings.alpha:g} dropout={settings.dropout:g} on {n_layers} modules "
+    log(f"lora      r={settings.r} alpha={settings.alpha:g} dropout={settings.dropout:g}{' DoRA' * settings.dora} on "
+        f"{n_layers} modules "
         f"({settings.targets}): {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
     log(f"train     {settings.steps} steps x {settings.batch_size} examples, AdamW lr {settings.lr:g} "
         f"(warm-up, cosine), {torch.get_num_threads()} torch thread(s), seed {settings.seed}")
@@ -160,4 +161,4 @@ def lora_config(settings: Settings, model: nn.Module, base_name: Optional[str] =
                 f"are named: {', '.join(leaves[:12])}{' …' if len(leaves) > 12 else ''} (or use all-linear)"
             )
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
-                      task_type="CAUSAL_LM", base_model_name_or_path=base_name)
+                      use_dora=settings.dora, task_type="CAUSAL_LM", base_model_name_or_path=base_name)

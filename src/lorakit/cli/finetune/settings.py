@@ -32,6 +32,7 @@ class Settings:
     alpha: float = 32.0
     targets: str = field(default="all-linear", metadata={"sep": ","})  # a recipe may give a list
     dropout: float = 0.0
+    dora: bool = False  # DoRA (use_dora=True)
     lr: float = 2e-3
     steps: int = 20
     batch_size: int = 8
