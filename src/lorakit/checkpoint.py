@@ -458,7 +458,7 @@ class FileAdapter:
 
 def check_same_scaling(current: LoraConfig, saved: LoraConfig, adapter_name: str, source) -> None:
     """Overwriting an adapter's weights keeps its scalings: refuse a file whose settings would give others."""
-    fields = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+    fields = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
     differ = [f for f in fields if getattr(current, f) != getattr(saved, f)]
     if differ:
         raise ValueError(

@@ -328,6 +328,7 @@ class LoraModel(nn.Module):
         layers = [layer for _, layer in self.lora_layers() if any(n in layer.r for n in names)]
         for layer in layers:
             layer.check_mergeable()
+            layer.check_dora_mergeable(names)
         if safe_merge:
             for layer in layers:
                 layer.check_finite_merge([n for n in names if n in layer.r])

@@ -314,11 +314,24 @@ def test_merged_weight_equals_the_dense_dora_weight():
     assert layer.merge_records["default"].nbytes > 0
 
 
+def test_non_finite_magnitude_is_refused_before_any_layer_changes():
+    model = _model_with_adapters(torch.float32, (True,))
+    before = _bits(model)
+    layer = model.base_model.model.model.layers[2].mlp.down_proj  # the last adapted layer
+    with torch.no_grad():
+        layer.lora_magnitude_vector["a0"].weight[0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite magnitude"):
+        model.merge_adapter(["a0"])
+    assert not model.merged_adapter_names()
+    now = _bits(model)
+    assert all(torch.equal(now[k], before[k]) for k in before)
+
+
 def test_safe_merge_refuses_a_non_finite_result_and_changes_nothing():
     layer = Linear(nn.Linear(8, 6))
     layer.update_layer("default", 2, 4, init_lora_weights=False, use_dora=True)
     with torch.no_grad():
-        layer.lora_magnitude_vector["default"].weight[2] = float("inf")
+        layer.lora_B["default"].weight[2] = 1e38
     before = layer.base_layer.weight.clone()
     with pytest.raises(ValueError, match="non-finite"):
         layer.merge(["default"], safe_merge=True)
@@ -480,3 +493,12 @@ def test_config_round_trip_keeps_use_dora():
     config = LoraConfig(use_dora=True)
     assert LoraConfig.from_dict(config.to_dict()).use_dora is True
     assert lorakit.LoraConfig().use_dora is False
+
+
+def test_overwriting_a_lora_adapter_with_a_dora_file_is_refused(tmp_path):
+    dora = _model_with_adapters(torch.float32, (True,))
+    dora.save_pretrained(tmp_path, selected_adapters=["a0"])
+    plain = _model_with_adapters(torch.float32, (False,))
+    with pytest.raises(ValueError, match="use_dora"):
+        plain.load_adapter(tmp_path / "a0", adapter_name="a0")
+    assert not any("magnitude" in n for n, _ in plain.named_parameters())

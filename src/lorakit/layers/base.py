@@ -359,6 +359,7 @@ class LoraLayer(DoraMixin, nn.Module):
         if not names:
             return
         self.check_mergeable()
+        self.check_dora_mergeable(names)
         if safe_merge:
             self.check_finite_merge(names)
         if own_weight and self._own_weight_of is None:

@@ -284,24 +284,32 @@ class DoraMixin:
         if not self.merged_adapters:
             return weight
         copy = weight.clone()
-        for name in reversed(self.merged_adapters):
+        for name in reversed(self.merged_adapters):  # check_dora_mergeable: all reversible
             record = self._fixups[name]
-            if getattr(record, "record", record) is None:
-                raise ValueError(f"adapter {name!r} was merged with reversible=False; the weight without it, which "
-                                 "a DoRA adapter's norm is taken from, is gone")
             if isinstance(record, DoraRecord):
                 dora_unmerge(copy, *self._merge_factors(name), record, self.transpose_delta)
             else:
                 unmerge_exact(copy, *self._merge_factors(name), record)
         return copy
 
+    def check_dora_mergeable(self, adapter_names: Sequence[str]) -> None:
+        """Raise ``ValueError`` before anything changes where merging the DoRA adapters among ``adapter_names``
+        cannot work: a non-finite magnitude, or an adapter merged irreversibly that the norm would need taken out."""
+        names = [n for n in adapter_names if n in self.lora_magnitude_vector and n not in self.merged_adapters]
+        if not names:
+            return
+        for name in names:
+            if not torch.isfinite(self._magnitude(name)).all():
+                raise ValueError(f"DoRA adapter {name!r} has a non-finite magnitude in "
+                                 f"{type(self.base_layer).__name__}; nothing was merged")
+        gone = [n for n in self.merged_adapters if getattr(self._fixups[n], "record", self._fixups[n]) is None]
+        if gone:
+            raise ValueError(f"adapter(s) {gone} were merged with reversible=False; the weight without them, which "
+                             f"DoRA adapter(s) {names} take their norm from, is gone; nothing was merged")
+
     def _merge_dora(self, adapter_name: str, g: Tensor, reversible: bool) -> DoraRecord:
         left, right, scale = self._merge_factors(adapter_name)
-        weight = self.base_layer.weight.data
-        if not torch.isfinite(g).all():
-            raise ValueError(f"DoRA adapter {adapter_name!r} has a non-finite magnitude/norm in "
-                             f"{type(self.base_layer).__name__}; it cannot be merged")
-        return dora_merge(weight, left, right, scale, g, self.transpose_delta, record=reversible)
+        return dora_merge(self.base_layer.weight.data, left, right, scale, g, self.transpose_delta, record=reversible)
 
     def _unmerge_dora(self, adapter_name: str, record: DoraRecord) -> None:
         left, right, scale = self._merge_factors(adapter_name)
