@@ -332,6 +332,7 @@ def test_safe_merge_refuses_a_non_finite_result_and_changes_nothing():
     layer.update_layer("default", 2, 4, init_lora_weights=False, use_dora=True)
     with torch.no_grad():
         layer.lora_B["default"].weight[2] = 1e38
+        layer.lora_A["default"].weight.fill_(1e38)  # s·B@A overflows
     before = layer.base_layer.weight.clone()
     with pytest.raises(ValueError, match="non-finite"):
         layer.merge(["default"], safe_merge=True)
@@ -339,6 +340,18 @@ def test_safe_merge_refuses_a_non_finite_result_and_changes_nothing():
 
 
 # -- PEFT's DoRA bugs, not copied ------------------------------------------------------------------------------------
+def test_norm_of_huge_rows_does_not_overflow():
+    """‖W + s·B@A‖ of a row near 1e38 is finite although its square is not: the merged row is ``m`` times a unit
+    direction, as in the dense reference."""
+    layer = Linear(nn.Linear(8, 6))
+    layer.update_layer("default", 2, 4, init_lora_weights=False, use_dora=True)
+    with torch.no_grad():
+        layer.lora_B["default"].weight[2] = 1e37
+    expected = dense_dora_weight(layer)
+    layer.merge(["default"])
+    torch.testing.assert_close(layer.base_layer.weight.double(), expected, atol=1e-6, rtol=1e-5)
+
+
 def test_zero_norm_row_gives_no_nan():
     """PEFT issue 2049: a row of ``W + s·B@A`` that is exactly zero divides by zero in PEFT. Here its norm counts
     as 1, so the row's output is its bias."""

@@ -73,7 +73,8 @@ def weight_norm(weight: Tensor, A: Tensor, B: Tensor, scaling: float, transpose:
 
     ``A`` is ``r × in…`` and ``B`` ``out × r…`` (PEFT's orientation); the weight is stored ``out × in…``, or
     ``in × out`` with ``transpose``. Computed as ``‖Wᵢ‖² + 2s·(W Aᵀ)ᵢ·Bᵢ + s²·Bᵢ(A Aᵀ)Bᵢᵀ``: rank-sized products,
-    no full-size update. ``sq_norms``: ``‖Wᵢ‖²`` if already known (it does not change while the base is frozen).
+    no full-size update (where a square overflows, the norm of ``W + s·B@A`` formed in full). ``sq_norms``:
+    ``‖Wᵢ‖²`` if already known (it does not change while the base is frozen).
     """
     with torch.no_grad():
         dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
@@ -85,6 +86,10 @@ def weight_norm(weight: Tensor, A: Tensor, B: Tensor, scaling: float, transpose:
         cross = (proj * B2).sum(1)
         quad = ((B2 @ (A2 @ A2.T)) * B2).sum(1)
         squared = sq_norms.to(dtype) + (2 * scaling) * cross + (scaling * scaling) * quad
+        if not torch.isfinite(squared).all():  # squares overflow long before the norm does: in full, in float64
+            delta = (B2 @ A2).mul_(scaling)
+            full = (matrix + (delta.T if transpose else delta)).double()
+            return torch.linalg.vector_norm(full, dim=0 if transpose else 1).to(dtype)
         return squared.clamp_min_(0).sqrt_()
 
 
