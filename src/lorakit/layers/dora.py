@@ -14,8 +14,9 @@ What differs from PEFT (each has a test):
 
 - The norm is computed from the factors, ``‖Wᵢ‖² + 2s·Wᵢ·(B@A)ᵢ + s²·Bᵢ(A Aᵀ)Bᵢᵀ`` (:func:`weight_norm`), with a
   rank-sized product ``W Aᵀ`` instead of PEFT's identity pass through the factors and a full-size ``W + s·B@A``.
-  In eval mode it is cached per adapter until a weight, a factor or the magnitude changes (an in-place update or
-  a replaced tensor; writes through ``.data`` are not seen) or the layer's adapters change.
+  In eval mode it is cached per adapter until the base weight or a factor changes (an in-place update or a
+  replaced tensor; writes through ``.data`` are not seen) or the layer's adapters change; ``‖W‖²`` is kept in
+  training too, while the base weight is the same tensor at the same version.
 - Dropout acts on the LoRA branch only: ``g ⊙ (W x + s·B A dropout(x)) + b``, one base matmul. PEFT runs the base
   a second time on the dropped input (PEFT issue 2107); both have the same expectation, and without dropout (or
   in eval mode) the outputs are the same.
@@ -23,9 +24,15 @@ What differs from PEFT (each has a test):
   2049). Here its norm counts as 1: the row stays zero whatever ``m`` is, and nothing becomes NaN.
 - Merging folds ``g`` into the weight; unmerging restores the weight bit for bit in every dtype (PEFT's
   ``W / g − Δ`` does not): :func:`dora_merge` rounds ``g ⊙ (W + Δ)`` once, computes what undoing it would give and
-  keeps the few elements that would come back wrong (:func:`lorakit.exact_merge.restore_record`). ``g`` is taken
-  from the weight as the unmerged forward sees it, also with several adapters merged in one call (PEFT issue
-  3608), along the right axis of ``fan_in_fan_out`` weights (PEFT issue 3531).
+  keeps the few elements that would come back wrong (:func:`lorakit.exact_merge.restore_record`). As in PEFT,
+  ``g`` is taken from the weight with no adapter merged (a copy with the merged ones taken out exactly, if any),
+  so adapters merged in one call or several give what the unmerged forward gives (PEFT issue 3608); the rescale
+  runs along the output axis of ``fan_in_fan_out`` weights too (PEFT issue 3531).
+
+Limits: in a mixed-adapter batch, a layer with DoRA adapters among the batch's runs each adapter on its rows, one
+after another (the batched path serves layers whose adapters in the batch are all LoRA); ``add_weighted_adapter`` refuses DoRA adapters (a weighted sum of rescaled updates has no exact meaning).
+An unmerged DoRA adapter next to merged ones takes its norm from the weight as it is (merged ones included), as
+PEFT's forward does.
 """
 
 from __future__ import annotations
