@@ -140,7 +140,11 @@ def test_outputs_and_gradients_equal_peft(case, training):
     checked = 0
     for name, p in ours.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p.grad, theirs_params[name].grad, atol=1e-5, rtol=1e-4)
+            expected = theirs_params[name].grad
+            size = float(expected.abs().max())
+            assert size > 1e-3, name  # a gradient worth comparing
+            # atol 1e-5 on gradients scaled to at most 1 (conv3d's reach 50, where float32 rounding is 1.5e-5)
+            torch.testing.assert_close(p.grad, expected, atol=1e-5 * max(1.0, size), rtol=0)
             checked += "lora_magnitude_vector" in name
     assert checked >= 1
 
