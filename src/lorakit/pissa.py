@@ -50,7 +50,7 @@ def converted_state(lora_model, adapter_name: str, state: dict[str, Tensor]) -> 
     for name, layer in lora_model.lora_layers():
         if adapter_name not in layer.r:
             continue
-        A_name, B_name = layer.adapter_layer_names
+        A_name, B_name = layer.adapter_layer_names[:2]  # the factors (a DoRA magnitude follows, unchanged)
         A_key, B_key = _key(state, name, A_name, adapter_name), _key(state, name, B_name, adapter_name)
         A, B = state[A_key], state[B_key]
         rewrite = layer.base_rewrite

@@ -39,6 +39,9 @@ SUPPORTED = [
     ("bias-all", llama_bias, dict(LLAMA_TARGETS, bias="all")),
     ("bias-lora_only", llama_bias, dict(LLAMA_TARGETS, bias="lora_only")),
     ("use_rslora", tiny_llama, dict(LLAMA_TARGETS, use_rslora=True, r=4, lora_alpha=6)),
+    ("use_dora", tiny_llama, dict(target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=True)),
+    ("use_dora-pissa", tiny_llama, dict(LLAMA_TARGETS, use_dora=True, init_lora_weights="pissa")),
+    ("use_dora-gpt2", tiny_gpt2, dict(target_modules=["c_attn", "c_fc"], use_dora=True)),
     ("modules_to_save", tiny_llama, dict(LLAMA_TARGETS, modules_to_save=["lm_head"])),
     ("init_lora_weights-False", tiny_llama, dict(LLAMA_TARGETS, init_lora_weights=False)),
     ("init_lora_weights-gaussian", tiny_llama, dict(LLAMA_TARGETS, init_lora_weights="gaussian")),
@@ -68,7 +71,6 @@ SUPPORTED = [
 
 # (field named in the error, model factory, config kwargs)
 REFUSED = [
-    ("use_dora", tiny_llama, dict(LLAMA_TARGETS, use_dora=True)),
     ("lora_bias", tiny_llama, dict(LLAMA_TARGETS, lora_bias=True)),
     ("target_parameters", tiny_llama, dict(target_modules=[], target_parameters=["q_proj.weight"])),
     ("trainable_token_indices", tiny_llama, dict(LLAMA_TARGETS, trainable_token_indices=[1, 3])),
