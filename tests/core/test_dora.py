@@ -519,3 +519,19 @@ def test_overwriting_a_lora_adapter_with_a_dora_file_is_refused(tmp_path):
     with pytest.raises(ValueError, match="use_dora"):
         plain.load_adapter(tmp_path / "a0", adapter_name="a0")
     assert not any("magnitude" in n for n, _ in plain.named_parameters())
+
+
+def test_functional_state_dict_api_has_peft_keys_for_magnitudes():
+    import peft
+
+    ours, theirs = lorakit_and_peft(tiny_llama(), dict(r=4, lora_alpha=8, init_lora_weights=False, use_dora=True,
+                                                       target_modules=["q_proj", "embed_tokens"]))
+    mine, reference = lorakit.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)
+    assert sorted(mine) == sorted(reference)
+    assert "base_model.model.model.embed_tokens.lora_magnitude_vector" in mine
+    assert all(torch.equal(mine[k], reference[k]) for k in mine)
+    moved = {k: v * 1.1 for k, v in reference.items()}
+    lorakit.set_peft_model_state_dict(ours, moved)
+    peft.set_peft_model_state_dict(theirs, moved)
+    ids = token_ids()
+    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=0)
