@@ -394,6 +394,9 @@ def _check_config(config: LoraConfig, source: str) -> None:
                          "carry fully trained modules")
     if config.bias != "none":
         raise ValueError(f"{source} trains biases (bias={config.bias!r}); kohya's format cannot carry them")
+    if config.use_dora:
+        raise ValueError(f"{source} is a DoRA adapter (use_dora=True); lorakit writes kohya's plain LoRA tensors, "
+                         "which cannot carry its magnitude vectors")
     if rewrites_base(config.init_lora_weights):
         raise ValueError(f"{source} has init_lora_weights={config.init_lora_weights!r}: its factors belong to a "
                          "rewritten base weight, which a kohya file cannot carry; save it with save_pretrained(dir, "

@@ -535,3 +535,18 @@ def test_functional_state_dict_api_has_peft_keys_for_magnitudes():
     peft.set_peft_model_state_dict(theirs, moved)
     ids = token_ids()
     torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_exports_that_cannot_carry_magnitudes_refuse_dora_adapters():
+    from lorakit.convert_kohya import peft_to_kohya, to_kohya
+
+    model = _model_with_adapters(torch.float32, (True,), arch="llama")
+    with pytest.raises(ValueError, match="DoRA"):
+        to_kohya(model, "a0")
+    state = lorakit.get_peft_model_state_dict(model, adapter_name="a0")
+    with pytest.raises(ValueError, match="DoRA"):
+        peft_to_kohya(state, model.peft_config["a0"])
+    from lorakit.integrations.diffusers_export import to_diffusers
+
+    with pytest.raises(ValueError, match="DoRA"):
+        to_diffusers(model, "a0")
