@@ -114,6 +114,7 @@ class LoraConfig:
     init_lora_weights: Union[bool, str] = True
     fan_in_fan_out: bool = False
     use_rslora: bool = False
+    target_parameters: Optional[list[str]] = None
     task_type: Optional[str] = None
     inference_mode: bool = False
     base_model_name_or_path: Optional[str] = None
@@ -145,6 +146,7 @@ class LoraConfig:
         self.target_modules = _check_names("target_modules", self.target_modules, allow_str=True)
         self.exclude_modules = _check_names("exclude_modules", self.exclude_modules, allow_str=True)
         self.modules_to_save = _check_names("modules_to_save", self.modules_to_save, allow_str=False)
+        self.target_parameters = _check_names("target_parameters", self.target_parameters, allow_str=False)
         self.rank_pattern = _check_pattern_dict("rank_pattern", self.rank_pattern, _check_rank)
         self.alpha_pattern = _check_pattern_dict("alpha_pattern", self.alpha_pattern, _check_alpha)
 

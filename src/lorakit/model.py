@@ -19,9 +19,10 @@ from .config import LoraConfig
 from .exact_merge import Scratch
 from .keys import LORA_PREFIX, adapter_key_pattern, check_adapter_names, is_adapter_key
 from .layers import LoraLayer, is_linear, lora_layer_for
+from .layers.parameter import direct_parameters, find_or_wrap
 from .mixed_batch import BASE, batch_size, mixed_batch
 from .modules_to_save import ModulesToSaveWrapper
-from .targeting import modules_to_save_names, select_targets
+from .targeting import modules_to_save_names, select_parameters, select_targets, unadapted_expert_parameters
 from .walk import base_of, head_names, leaf_parameters, merged_names, parent_and_child, walk
 
 __all__ = ["LoraModel"]
@@ -115,6 +116,9 @@ class LoraModel(nn.Module):
                 f"target modules of unsupported type: {examples}. lorakit adapts nn.Linear, nn.Embedding, "
                 "nn.Conv1d/2d/3d and transformers' Conv1D; register others with lorakit.register_lora_layer"
             )
+        parameters = direct_parameters(named)
+        param_targets = select_parameters(config, [n for n, _ in parameters])
+        _warn_unreached_experts(unadapted_expert_parameters(config, parameters))
         save_names = modules_to_save_names(config, names)
 
         created: list[tuple[str, nn.Module]] = []  # (name, original module) of layers wrapped now
@@ -134,6 +138,8 @@ class LoraModel(nn.Module):
                 module.update_layer(  # trainable only if active: the cost does not grow with the adapter count
                     adapter_name, t.r, t.alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora
                 )
+            for t in param_targets:
+                self._adapt_parameter(t, adapter_name, config, created, updated)
             for name in save_names:
                 module = self.model.get_submodule(name)
                 if isinstance(module, ModulesToSaveWrapper):
@@ -159,6 +165,25 @@ class LoraModel(nn.Module):
             raise
         if adapter_name in self.active_adapters:
             self._mark_trainable()  # the first adapter: freeze the base, apply the bias choice
+
+    def _adapt_parameter(self, target, adapter_name: str, config: LoraConfig, created: list, updated: list) -> None:
+        """Give the parameter ``target.name`` (``<module>.<parameter>``) the adapter, wrapping its module in a
+        ParamWrapper if no earlier adapter did; records what changed in ``created``/``updated`` for rollback."""
+        module_name, _, parameter = target.name.rpartition(".")
+        if not module_name:
+            raise ValueError(f"target_parameters: {parameter!r} is a parameter of the model itself; only parameters "
+                             "of its submodules can be adapted")
+        holder = self.model.get_submodule(module_name)
+        layer, new = find_or_wrap(holder, parameter)
+        if new:
+            layer.active_adapters = list(self.active_adapters)
+            parent, child = parent_and_child(self.model, module_name)
+            setattr(parent, child, layer)
+            created.append((module_name, holder))
+        else:
+            updated.append(layer)
+        layer.update_layer(adapter_name, target.r, target.alpha, config.lora_dropout, config.init_lora_weights,
+                           config.use_rslora)
 
     def adapter_state(self, adapter_name: str) -> dict[str, Tensor]:
         """The tensors that make up one adapter, keyed by their path in ``self.model`` (adapter name included):
@@ -326,7 +351,7 @@ class LoraModel(nn.Module):
         shared = self._shared_weights()
         scratch = Scratch()  # work buffers shared by all layers
         for layer in layers:
-            layer.merge(names, own_weight=id(layer.base_layer.weight) in shared, scratch=scratch,
+            layer.merge(names, own_weight=id(layer.weight) in shared, scratch=scratch,
                         reversible=reversible)
 
     def _shared_weights(self) -> set[int]:
@@ -342,13 +367,18 @@ class LoraModel(nn.Module):
     def _unwrap(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         if merge:
             self.merge_adapter(adapter_names, safe_merge=safe_merge, reversible=False)  # the layers go away
-        untied = False
+        untied, inner = False, set()
         for name, module in list(self.model.named_modules()):
+            if id(module) in inner:
+                continue  # nested in an adapted layer that is replaced as a whole
             if isinstance(module, LoraLayer):
-                if not merge and module.merged:
-                    module.unmerge()
-                untied |= module.has_private_weight
-                replacement = module.base_layer
+                replacement = module
+                while isinstance(replacement, LoraLayer):  # wrappers nest for several target_parameters
+                    if not merge and replacement.merged:
+                        replacement.unmerge()
+                    untied |= replacement.has_private_weight
+                    inner.add(id(replacement))
+                    replacement = replacement.base_layer
             elif isinstance(module, ModulesToSaveWrapper):
                 replacement = module.active_module if merge else module.original_module
             else:
@@ -376,3 +406,15 @@ class LoraModel(nn.Module):
         from .combine import add_weighted_adapter
 
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
+
+def _warn_unreached_experts(names: list[str]) -> None:
+    """``"all-linear"`` adapts linear layers only: say once which expert stacks it left alone, and how to reach them."""
+    if not names:
+        return
+    entries = sorted({".".join(n.split(".")[-2:]) for n in names})
+    warnings.warn(
+        f"target_modules='all-linear' adapts nn.Linear layers only; {len(names)} 3-D expert parameter(s) of this model "
+        f"get no adapter, e.g. {names[:4]}. To adapt the experts, add target_parameters={entries}",
+        UserWarning, stacklevel=4,
+    )

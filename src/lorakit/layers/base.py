@@ -87,7 +87,7 @@ class LoraLayer(nn.Module):
         """Add (or replace) the adapter ``adapter_name`` with rank ``r``; its weights follow ``init_lora_weights``."""
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"rank r={r!r} for adapter {adapter_name!r} is invalid: expected a positive int")
-        weight = self.base_layer.weight
+        weight = self.weight
         device = weight.device if weight.device.type != "meta" else torch.device("cpu")
         self._create_factors(adapter_name, r, dtype=adapter_dtype(weight), device=device)
         if lora_dropout > 0:
@@ -141,7 +141,7 @@ class LoraLayer(nn.Module):
     def delta_weight(self, adapter_name: str) -> Tensor:
         """``scaling · B @ A`` shaped (and oriented) like the base weight, in at least float32."""
         A, B = self.factors(adapter_name)
-        return lora_delta(A, B, self.scaling[adapter_name], self.base_layer.weight.shape, self.transpose_delta)
+        return lora_delta(A, B, self.scaling[adapter_name], self.weight.shape, self.transpose_delta)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self._modules["base_layer"](x, *args, **kwargs)  # not self.base_layer: a Python-level lookup
@@ -282,7 +282,7 @@ class LoraLayer(nn.Module):
 
     def check_finite_merge(self, adapter_names: Sequence[str]) -> None:
         """Raise ``ValueError`` if merging any of ``adapter_names`` would put inf/nan into the weight."""
-        weight = self.base_layer.weight
+        weight = self.weight
         total = weight.to(torch.promote_types(weight.dtype, torch.float32))
         for name in adapter_names:
             total = total + self.delta_weight(name)
@@ -316,8 +316,7 @@ class LoraLayer(nn.Module):
             self._own_weight_of = shared
         scratch = scratch or Scratch()
         for name in names:
-            self._fixups[name] = merge_exact(self.base_layer.weight.data, *self._merge_factors(name), scratch,
-                                             record=reversible)
+            self._fixups[name] = self._merge_one(name, scratch, reversible)
             self.merged_adapters.append(name)
         self._refresh()
 
@@ -330,11 +329,20 @@ class LoraLayer(nn.Module):
         scratch = scratch or Scratch()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            unmerge_exact(self.base_layer.weight.data, *self._merge_factors(name), self._fixups.pop(name), scratch)
+            self._unmerge_one(name, self._fixups.pop(name), scratch)
         if self._own_weight_of is not None:
             self.base_layer.weight = self._own_weight_of
             self._own_weight_of = None
         self._refresh()
+
+    def _merge_one(self, adapter_name: str, scratch: Scratch, reversible: bool):
+        """Fold one adapter into the weight; returns what :meth:`_unmerge_one` needs (``None`` if not
+        ``reversible``)."""
+        return merge_exact(self.weight.data, *self._merge_factors(adapter_name), scratch, record=reversible)
+
+    def _unmerge_one(self, adapter_name: str, record, scratch: Scratch) -> None:
+        """Take one adapter merged by :meth:`_merge_one` back out, bit for bit."""
+        unmerge_exact(self.weight.data, *self._merge_factors(adapter_name), record, scratch)
 
     def _merge_factors(self, adapter_name: str) -> tuple[Tensor, Tensor, float]:
         """:func:`lora_factors` of one adapter, for merge and unmerge."""
