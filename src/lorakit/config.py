@@ -84,6 +84,18 @@ def _check_pattern_dict(field_name: str, value: Any, check) -> dict:
     return dict(value)
 
 
+def _check_token_indices(value: Any) -> Any:
+    """``trainable_token_indices``: a list of token ids (the input embedding) or ``{module name: [ids]}``."""
+    if value is None:
+        return None
+    lists = value.values() if isinstance(value, dict) else [value]
+    if not all(isinstance(v, (list, tuple)) and v and all(_is_int(i) and i >= 0 for i in v) for v in lists) or (
+            isinstance(value, dict) and not all(isinstance(k, str) for k in value)):
+        raise _bad("trainable_token_indices", value, "a non-empty list of token ids, or {module name: [token ids]}",
+                   TypeError)
+    return {k: [int(i) for i in v] for k, v in value.items()} if isinstance(value, dict) else [int(i) for i in value]
+
+
 def _check_rank(field_name: str, value: Any) -> None:
     if not _is_int(value):
         raise _bad(field_name, value, "a positive int", TypeError)
@@ -115,6 +127,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     use_rslora: bool = False
     target_parameters: Optional[list[str]] = None
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
     task_type: Optional[str] = None
     inference_mode: bool = False
     base_model_name_or_path: Optional[str] = None
@@ -147,6 +160,7 @@ class LoraConfig:
         self.exclude_modules = _check_names("exclude_modules", self.exclude_modules, allow_str=True)
         self.modules_to_save = _check_names("modules_to_save", self.modules_to_save, allow_str=False)
         self.target_parameters = _check_names("target_parameters", self.target_parameters, allow_str=False)
+        self.trainable_token_indices = _check_token_indices(self.trainable_token_indices)
         self.rank_pattern = _check_pattern_dict("rank_pattern", self.rank_pattern, _check_rank)
         self.alpha_pattern = _check_pattern_dict("alpha_pattern", self.alpha_pattern, _check_alpha)
 

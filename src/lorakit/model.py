@@ -22,6 +22,7 @@ from .layers import LoraLayer, is_linear, lora_layer_for
 from .layers.parameter import direct_parameters, find_or_wrap
 from .mixed_batch import BASE, batch_size, mixed_batch
 from .modules_to_save import ModulesToSaveWrapper
+from .trainable_tokens import TrainableTokensWrapper, inject_tokens
 from .targeting import modules_to_save_names, select_parameters, select_targets, unadapted_expert_parameters
 from .walk import base_of, head_names, leaf_parameters, merged_names, parent_and_child, walk
 
@@ -140,6 +141,8 @@ class LoraModel(nn.Module):
                 )
             for t in param_targets:
                 self._adapt_parameter(t, adapter_name, config, created, updated)
+            if config.trainable_token_indices is not None:
+                inject_tokens(self.model, config, adapter_name, self.active_adapters, names, created, updated)
             for name in save_names:
                 module = self.model.get_submodule(name)
                 if isinstance(module, ModulesToSaveWrapper):
@@ -371,6 +374,8 @@ class LoraModel(nn.Module):
         for name, module in list(self.model.named_modules()):
             if id(module) in inner:
                 continue  # nested in an adapted layer that is replaced as a whole
+            if isinstance(module, TrainableTokensWrapper):
+                module = module.token_adapter  # the wrapper goes with its layer
             if isinstance(module, LoraLayer):
                 replacement = module
                 while isinstance(replacement, LoraLayer):  # wrappers nest for several target_parameters

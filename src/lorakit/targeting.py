@@ -121,7 +121,7 @@ def select_targets(
         alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
         chosen.append(Target(name, r, alpha))
 
-    if not chosen and not (config.target_parameters and targets == []):
+    if not chosen and not (targets == [] and (config.target_parameters or config.trainable_token_indices)):
         sample = [n for n in module_names if n][:12]
         raise ValueError(
             f"target_modules={targets!r} matched no module of the model"

@@ -77,7 +77,8 @@ def head_names(model: nn.Module, task_type: Optional[str], named: Sequence[tuple
         heads.append(out)
     elif task_type == "SEQ_CLS":
         heads += [getattr(model, n) for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Module)]
-    return {name for name, m in named for h in heads if m is h or base_of(m) is h}
+    inside = {id(x) for h in heads for x in h.modules()}  # a head wrapped by lorakit (trainable tokens) and its parts
+    return {name for name, m in named if id(m) in inside or id(base_of(m)) in inside}
 
 
 def activation_checkpointing(model: nn.Module) -> bool:
