@@ -128,6 +128,7 @@ class LoraConfig:
     use_rslora: bool = False
     target_parameters: Optional[list[str]] = None
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
+    lora_bias: bool = False
     task_type: Optional[str] = None
     inference_mode: bool = False
     base_model_name_or_path: Optional[str] = None
@@ -145,9 +146,12 @@ class LoraConfig:
             raise _bad("bias", self.bias, f"one of {_BIAS_CHOICES}")
         if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
             raise _bad("init_lora_weights", self.init_lora_weights, "True, False or 'gaussian'")
-        for name in ("fan_in_fan_out", "use_rslora", "inference_mode"):
+        for name in ("fan_in_fan_out", "use_rslora", "inference_mode", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "a bool", TypeError)
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise _bad("lora_bias", self.lora_bias, f"False with init_lora_weights={self.init_lora_weights!r} "
+                       "(PEFT allows lora_bias=True only with init_lora_weights True or False)")
         if self.peft_type != "LORA":
             raise _bad("peft_type", self.peft_type, "'LORA' (lorakit implements LoRA only)")
         if self.task_type is not None:

@@ -137,7 +137,8 @@ class LoraModel(nn.Module):
                 else:
                     updated.append(module)
                 module.update_layer(  # trainable only if active: the cost does not grow with the adapter count
-                    adapter_name, t.r, t.alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora
+                    adapter_name, t.r, t.alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora,
+                    lora_bias=config.lora_bias,
                 )
             for t in param_targets:
                 self._adapt_parameter(t, adapter_name, config, created, updated)
@@ -186,7 +187,7 @@ class LoraModel(nn.Module):
         else:
             updated.append(layer)
         layer.update_layer(adapter_name, target.r, target.alpha, config.lora_dropout, config.init_lora_weights,
-                           config.use_rslora)
+                           config.use_rslora, lora_bias=config.lora_bias)
 
     def adapter_state(self, adapter_name: str) -> dict[str, Tensor]:
         """The tensors that make up one adapter, keyed by their path in ``self.model`` (adapter name included):

@@ -41,6 +41,8 @@ class LoraLayer(nn.Module):
     adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B")
     #: ``True`` where the base weight is stored ``in × out``
     transpose_delta: bool = False
+    #: whether ``lora_bias=True`` (a bias on ``lora_B``) is supported: layers whose B is a module with a bias slot
+    supports_lora_bias: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         init_module(self)
@@ -83,13 +85,22 @@ class LoraLayer(nn.Module):
         lora_dropout: float = 0.0,
         init_lora_weights=True,
         use_rslora: bool = False,
+        lora_bias: bool = False,
     ) -> None:
-        """Add (or replace) the adapter ``adapter_name`` with rank ``r``; its weights follow ``init_lora_weights``."""
+        """Add (or replace) the adapter ``adapter_name`` with rank ``r``; its weights follow ``init_lora_weights``.
+        ``lora_bias``: ``lora_B`` gets a bias (PEFT's ``lora_B.<name>.bias``), scaled like ``B``."""
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"rank r={r!r} for adapter {adapter_name!r} is invalid: expected a positive int")
+        if lora_bias and not self.supports_lora_bias:
+            raise ValueError(f"lora_bias=True is not supported for {type(self).__name__} layers "
+                             f"({type(self.base_layer).__name__}); PEFT supports it on Linear, Conv1D and Conv layers")
         weight = self.weight
         device = weight.device if weight.device.type != "meta" else torch.device("cpu")
-        self._create_factors(adapter_name, r, dtype=adapter_dtype(weight), device=device)
+        dtype = adapter_dtype(weight)
+        self._create_factors(adapter_name, r, dtype=dtype, device=device)
+        if lora_bias:
+            B = self.lora_B[adapter_name]
+            B._parameters["bias"] = nn.Parameter(torch.empty(B.weight.shape[0], dtype=dtype, device=device))
         if lora_dropout > 0:
             self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout).train(self.training)
         else:
@@ -119,6 +130,15 @@ class LoraLayer(nn.Module):
                 kaiming_uniform_(B)
             else:
                 B.zero_()
+            bias = self.lora_bias_of(adapter_name)
+            if bias is not None:  # as nn.Linear(r, out) initialises it for False, zero otherwise (PEFT)
+                bias.uniform_(-1 / self.r[adapter_name] ** 0.5, 1 / self.r[adapter_name] ** 0.5) if (
+                    init_lora_weights is False) else bias.zero_()
+
+    def lora_bias_of(self, adapter_name: str) -> Optional[Tensor]:
+        """The bias on ``lora_B`` of one adapter (``lora_bias=True``), else ``None``."""
+        B = self._modules["lora_B"]._modules.get(adapter_name)
+        return None if B is None else B._parameters.get("bias")
 
     def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         """Allocate one adapter's factors (uninitialised: :meth:`reset_lora_parameters` fills them)."""
@@ -291,6 +311,10 @@ class LoraLayer(nn.Module):
                     f"merging adapter {name!r} would put non-finite values into {type(self.base_layer).__name__}'s "
                     "weight; nothing was merged"
                 )
+            bias = self.lora_bias_of(name)
+            if bias is not None and not torch.isfinite(bias).all():
+                raise ValueError(f"merging adapter {name!r} would put non-finite values into the bias; nothing was "
+                                 "merged")
 
     def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False, own_weight: bool = False,
               scratch: Optional[Scratch] = None, reversible: bool = True):
@@ -338,11 +362,34 @@ class LoraLayer(nn.Module):
     def _merge_one(self, adapter_name: str, scratch: Scratch, reversible: bool):
         """Fold one adapter into the weight; returns what :meth:`_unmerge_one` needs (``None`` if not
         ``reversible``)."""
-        return merge_exact(self.weight.data, *self._merge_factors(adapter_name), scratch, record=reversible)
+        record = merge_exact(self.weight.data, *self._merge_factors(adapter_name), scratch, record=reversible)
+        if self.lora_bias_of(adapter_name) is None:
+            return record
+        base = self.base_layer
+        created = base.bias is None  # the base has no bias: merging gives it one, unmerging takes it away
+        if created:
+            weight = self.weight
+            base.bias = nn.Parameter(weight.new_zeros(weight.shape[1 if self.transpose_delta else 0]),
+                                     requires_grad=False)
+        bias_record = merge_exact(base.bias.data, *self._bias_factors(adapter_name), scratch, record=reversible)
+        return (record, bias_record, created) if reversible else None
 
     def _unmerge_one(self, adapter_name: str, record, scratch: Scratch) -> None:
         """Take one adapter merged by :meth:`_merge_one` back out, bit for bit."""
+        if self.lora_bias_of(adapter_name) is None:
+            unmerge_exact(self.weight.data, *self._merge_factors(adapter_name), record, scratch)
+            return
+        record, bias_record, created = record
         unmerge_exact(self.weight.data, *self._merge_factors(adapter_name), record, scratch)
+        unmerge_exact(self.base_layer.bias.data, *self._bias_factors(adapter_name), bias_record, scratch)
+        if created:
+            self.base_layer.bias = None
+
+    def _bias_factors(self, adapter_name: str) -> tuple[Tensor, Tensor, float]:
+        """``s · b`` as a product ``(b as a column) @ [[1]] · s``, for merging it exactly like a weight."""
+        bias = self.lora_bias_of(adapter_name).detach()
+        dtype = torch.promote_types(bias.dtype, torch.float32)
+        return bias.to(dtype).view(-1, 1), torch.ones(1, 1, dtype=dtype, device=bias.device), self.scaling[adapter_name]
 
     def _merge_factors(self, adapter_name: str) -> tuple[Tensor, Tensor, float]:
         """:func:`lora_factors` of one adapter, for merge and unmerge."""

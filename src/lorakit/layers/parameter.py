@@ -80,7 +80,10 @@ class ParamWrapper(LoraLayer):
 
     # -- construction -------------------------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                     init_lora_weights=True, use_rslora: bool = False) -> None:
+                     init_lora_weights=True, use_rslora: bool = False, lora_bias: bool = False) -> None:
+        if lora_bias:
+            raise ValueError(f"lora_bias=True cannot be used with target_parameters ({self.parameter_name}); PEFT "
+                             "refuses it too")
         if lora_dropout:
             raise ValueError(
                 f"lora_dropout={lora_dropout} cannot be used with target_parameters "
