@@ -19,6 +19,7 @@ from .config import LoraConfig
 from .exact_merge import Scratch
 from .keys import LORA_PREFIX, adapter_key_pattern, check_adapter_names, is_adapter_key
 from .layers import LoraLayer, is_linear, lora_layer_for
+from .layers.multihead import check_targets, uncalled_children
 from .layers.parameter import direct_parameters, find_or_wrap
 from .mixed_batch import BASE, batch_size, mixed_batch
 from .modules_to_save import ModulesToSaveWrapper
@@ -110,12 +111,14 @@ class LoraModel(nn.Module):
             if kind is not None and is_linear(base):
                 linear.append(name)
         targets = select_targets(config, names, linear, head_names(self.model, config.task_type, named))
+        all_linear = str(config.target_modules).lower() == "all-linear"
+        targets = check_targets(targets, uncalled_children(named), all_linear)
         unsupported = [t.name for t in targets if kinds[t.name][1] is None]
         if unsupported:
             examples = ", ".join(f"{n} ({type(kinds[n][0]).__name__})" for n in unsupported[:5])
             raise ValueError(
                 f"target modules of unsupported type: {examples}. lorakit adapts nn.Linear, nn.Embedding, "
-                "nn.Conv1d/2d/3d and transformers' Conv1D; register others with lorakit.register_lora_layer"
+                "nn.Conv1d/2d/3d, nn.MultiheadAttention and transformers' Conv1D; register others with lorakit.register_lora_layer"
             )
         parameters = direct_parameters(named)
         param_targets = select_parameters(config, [n for n, _ in parameters])
@@ -371,10 +374,10 @@ class LoraModel(nn.Module):
     def _unwrap(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         if merge:
             self.merge_adapter(adapter_names, safe_merge=safe_merge, reversible=False)  # the layers go away
-        untied, inner = False, set()
+        untied, replaced = False, []
         for name, module in list(self.model.named_modules()):
-            if id(module) in inner:
-                continue  # nested in an adapted layer that is replaced as a whole
+            if any(name.startswith(f"{r}.") for r in replaced):
+                continue  # inside a module replaced as a whole (nested wrappers, MultiheadAttention's out_proj)
             if isinstance(module, TrainableTokensWrapper):
                 module = module.token_adapter  # the wrapper goes with its layer
             if isinstance(module, LoraLayer):
@@ -383,8 +386,8 @@ class LoraModel(nn.Module):
                     if not merge and replacement.merged:
                         replacement.unmerge()
                     untied |= replacement.has_private_weight
-                    inner.add(id(replacement))
-                    replacement = replacement.base_layer
+                    replacement = replacement.unwrapped()
+                replaced.append(name)
             elif isinstance(module, ModulesToSaveWrapper):
                 replacement = module.active_module if merge else module.original_module
             else:

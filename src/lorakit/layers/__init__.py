@@ -8,6 +8,7 @@ from .base import LoraLayer
 from .conv import Conv
 from .embedding import Embedding
 from .linear import Linear, is_conv1d
+from .multihead import MultiheadAttention
 from .parameter import ParamWrapper
 from .registry import is_linear, lora_layer_for, register_lora_layer
 from .rows import RowAdapters
@@ -18,6 +19,7 @@ __all__ = [
     "Embedding",
     "Conv",
     "ParamWrapper",
+    "MultiheadAttention",
     "RowAdapters",
     "is_conv1d",
     "is_linear",

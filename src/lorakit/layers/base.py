@@ -391,6 +391,10 @@ class LoraLayer(nn.Module):
         dtype = torch.promote_types(bias.dtype, torch.float32)
         return bias.to(dtype).view(-1, 1), torch.ones(1, 1, dtype=dtype, device=bias.device), self.scaling[adapter_name]
 
+    def unwrapped(self) -> nn.Module:
+        """The module to put back in this layer's place when unloading (merged or unmerged before)."""
+        return self.base_layer
+
     def _merge_factors(self, adapter_name: str) -> tuple[Tensor, Tensor, float]:
         """:func:`lora_factors` of one adapter, for merge and unmerge."""
         A, B = self.factors(adapter_name)
