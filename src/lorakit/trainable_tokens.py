@@ -33,6 +33,7 @@ class TrainableTokensLayer(LoraLayer):
     PEFT's ``TrainableTokensLayer``. ``tied_to``: share another layer's rows (tied weights)."""
 
     adapter_layer_names = ("trainable_tokens_delta",)
+    combinable = False  # rows of values, not low-rank factors
 
     def __init__(self, base_layer: nn.Module, tied_to: Optional["TrainableTokensLayer"] = None) -> None:
         if not isinstance(base_layer, (nn.Embedding, nn.Linear)):

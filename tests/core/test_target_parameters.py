@@ -169,6 +169,10 @@ def test_files_both_ways(tmp_path):
         expected = theirs(ids).logits
     ours.save_pretrained(tmp_path / "lk")
     theirs.save_pretrained(tmp_path / "peft")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "lk" / "adapter_model.safetensors"), "pt") as f:
+        assert "expert e in rows e*r" in f.metadata()["lorakit_expert_factor_layout"]  # the layout is in the file
     from_peft = lorakit.PeftModel.from_pretrained(tiny_mixtral(), tmp_path / "peft").eval()
     into_peft = peft.PeftModel.from_pretrained(tiny_mixtral(), tmp_path / "lk").eval()
     with torch.no_grad():
@@ -242,6 +246,8 @@ def test_refusals_name_the_problem():
     model = lorakit.get_peft_model(tiny_mixtral(), lorakit.LoraConfig(target_modules=[], target_parameters=EXPERTS))
     with pytest.raises(NotImplementedError, match="mixed-adapter"):
         model(token_ids(vocab=64), adapter_names=["default", "__base__"])
+    with pytest.raises(NotImplementedError, match="ParamWrapper"):
+        model.add_weighted_adapter(["default"], [1.0], "sum", combination_type="cat")
 
 
 def test_factored_weight_never_forms_the_stack():

@@ -220,3 +220,8 @@ def test_refusals():
     with pytest.raises(ValueError, match="LoRA target"):
         lorakit.get_peft_model(base, lorakit.LoraConfig(target_modules=["embed_tokens"], trainable_token_indices=[1]))
     assert [n for n, _ in base.named_modules()] == names  # rolled back
+    model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1]))
+    model.add_adapter("b", lorakit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[2]))
+    with pytest.raises(NotImplementedError, match="TrainableTokensLayer"):
+        model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "sum", combination_type="cat")
+    assert "sum" not in model.peft_config

@@ -43,6 +43,8 @@ class LoraLayer(nn.Module):
     transpose_delta: bool = False
     #: whether ``lora_bias=True`` (a bias on ``lora_B``) is supported: layers whose B is a module with a bias slot
     supports_lora_bias: bool = False
+    #: whether add_weighted_adapter can combine this layer's adapters (plain ``out × r``/``r × in`` factors)
+    combinable: bool = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         init_module(self)

@@ -33,6 +33,8 @@ class MultiheadAttention(LoraLayer):
     """``nn.MultiheadAttention`` with LoRA on ``in_proj_weight`` (this layer's factors) and ``out_proj`` (a
     :class:`~lorakit.layers.Linear` put in its place, driven by this layer)."""
 
+    combinable = False  # out_proj's factors live in the nested layer, which the combination would not see
+
     def __init__(self, base_layer: nn.MultiheadAttention) -> None:
         if not base_layer._qkv_same_embed_dim:
             raise ValueError("nn.MultiheadAttention with kdim/vdim different from embed_dim (separate q/k/v weights) is "

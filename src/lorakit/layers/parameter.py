@@ -44,6 +44,8 @@ def param_owner(module: nn.Module) -> nn.Module:
 class ParamWrapper(LoraLayer):
     """LoRA on ``base_layer``'s parameter ``parameter_name`` (2-D or 3-D); PEFT's ``lora.ParamWrapper``."""
 
+    combinable = False  # factors stacked per expert: concatenating ranks would break the layout
+
     def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
         owner = param_owner(base_layer)
         param = owner._parameters.get(parameter_name)
