@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.convert import to_peft_key
 from conftest import tiny_llama, token_ids
 
 TOKENS = [3, 5, 7]
@@ -225,3 +226,65 @@ def test_refusals():
     with pytest.raises(NotImplementedError, match="TrainableTokensLayer"):
         model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "sum", combination_type="cat")
     assert "sum" not in model.peft_config
+
+
+def test_tied_head_named_with_the_same_tokens_follows_the_embedding():
+    import peft
+
+    kw = dict(target_modules=["q_proj"], trainable_token_indices={"embed_tokens": TOKENS, "lm_head": TOKENS})
+    ours = lorakit.get_peft_model(tiny_llama(tie_word_embeddings=True), lorakit.LoraConfig(**kw))
+    theirs = peft.get_peft_model(tiny_llama(tie_word_embeddings=True), peft.LoraConfig(**kw))
+    from peft.utils import get_peft_model_state_dict
+
+    head = ours.base_model.model.lm_head.token_adapter
+    assert head.trainable_tokens_delta is ours.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta
+    ours_tokens = {"base_model.model." + to_peft_key(k, "default")
+                   for k in ours.base_model.adapter_state("default") if "tokens_delta" in k}
+    theirs_tokens = {k for k in get_peft_model_state_dict(theirs) if "tokens_delta" in k}
+    assert ours_tokens == theirs_tokens == {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"}
+
+
+def test_mixed_batch_rows_get_their_tokens():
+    model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"],
+                                                                    trainable_token_indices=TOKENS)).eval()
+    model.add_adapter("b", lorakit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[5, 9]))
+    randomize_tokens(model)
+    ids = ids_with_tokens()
+    names = ["b", "default"]
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=names).logits
+        rows = []
+        for i, name in enumerate(names):
+            model.set_adapter(name)
+            rows.append(model(ids[i:i + 1]).logits[0])
+    torch.testing.assert_close(mixed, torch.stack(rows), atol=1e-5, rtol=0)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An embedding subclass with its own forward (as Gemma 3's scaled word embedding)."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 3.0
+
+
+def test_embedding_subclass_with_its_own_forward():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed_tokens = ScaledEmbedding(20, 8)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.out(self.embed_tokens(ids))
+
+    base = Net()
+    ref = copy.deepcopy(base).double()
+    model = lorakit.get_peft_model(base, lorakit.LoraConfig(target_modules=[], trainable_token_indices={
+        "embed_tokens": [2, 6]}))
+    randomize_tokens(model)
+    with torch.no_grad():
+        ref.embed_tokens.weight[[2, 6]] = model.base_model.model.embed_tokens.token_adapter.trainable_tokens_delta[
+            "default"].double()
+        ids = torch.tensor([[2, 3, 6, 6, 0]])
+        torch.testing.assert_close(model(ids).double(), ref(ids), atol=1e-6, rtol=0)
