@@ -2,7 +2,17 @@
 
 This module is the public API (PEFT's names) and nothing else; ARCHITECTURE.md maps the package."""
 
-from .config import LoraConfig, TaskType
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
+from .config import LoraConfig, PeftConfig, TaskType
+from .functional import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from .layers import LoraLayer, register_lora_layer
 from .model import LoraModel
 from .modules_to_save import ModulesToSaveWrapper
@@ -17,14 +27,23 @@ from .peft_model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 from .version import __version__
 
 __all__ = [
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "LoraConfig",
     "LoraLayer",
     "LoraModel",
     "ModulesToSaveWrapper",
+    "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
@@ -33,7 +52,14 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
     "lora_delta",
     "register_lora_layer",
+    "set_peft_model_state_dict",
 ]

@@ -33,6 +33,7 @@ from .distributed import gather_full, is_sharded, rank
 from .config import CONFIG_NAME, LoraConfig, config_json, read_config
 from .io import HUB_KWARGS, atomic_write_many, resolve_file
 from .keys import PEFT_PREFIX, is_adapter_key
+from .pissa import converted_config, converted_state
 from .layers import Linear as LoraLinear
 from .layers import LoraLayer
 from .version import __version__
@@ -60,6 +61,7 @@ def save_adapters(
     save_embedding_layers: bool | str = "auto",
     is_main_process: bool = True,
     state_dict: Optional[Mapping[str, Tensor]] = None,
+    path_initial_model_for_weight_conversion: Optional[str | os.PathLike] = None,
     **kwargs: Any,
 ) -> None:
     """Write each selected adapter (default: all) in PEFT's format: ``default`` into ``save_directory``, any
@@ -72,11 +74,15 @@ def save_adapters(
     ``peft_model.state_dict()``, to take the tensors from instead of the model (what accelerate gathered from an
     FSDP model, say). A model sharded by FSDP2's ``fully_shard`` is gathered here instead: a collective, so every
     rank must call ``save_pretrained``; rank 0 writes (:mod:`lorakit.distributed`).
+    ``path_initial_model_for_weight_conversion`` (PEFT's option): write each PiSSA/OLoRA adapter as the equivalent
+    plain LoRA of rank ``2r`` for the untouched base model (:mod:`lorakit.pissa`; lorakit keeps the initial factors,
+    so that folder is neither read nor written).
     """
     if kwargs:
         raise TypeError(
             f"save_pretrained() got unexpected keyword arguments {sorted(kwargs)}; accepted: selected_adapters, "
-            "safe_serialization, save_embedding_layers, is_main_process, state_dict"
+            "safe_serialization, save_embedding_layers, is_main_process, state_dict, "
+            "path_initial_model_for_weight_conversion"
         )
     if state_dict is not None and not isinstance(state_dict, Mapping):
         raise TypeError(
@@ -92,6 +98,9 @@ def save_adapters(
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"save_directory {str(folder)!r} is a file; expected a folder (created if missing)")
     sharded = state_dict is None and is_sharded(peft_model)
+    if path_initial_model_for_weight_conversion is not None and (state_dict is not None or sharded):
+        raise ValueError("path_initial_model_for_weight_conversion needs the adapter's own tensors: it cannot be "
+                         "combined with state_dict= or an FSDP-sharded model")
     if not is_main_process and not sharded:
         return
 
@@ -99,7 +108,10 @@ def save_adapters(
     found = []
     for name in names:
         config = lora_model.peft_config[name]
-        tensors = {PEFT_PREFIX + k: v for k, v in lora_model.adapter_state(name).items()}
+        state = lora_model.adapter_state(name)
+        if path_initial_model_for_weight_conversion is not None:
+            state, config = converted_state(lora_model, name, state), converted_config(config)
+        tensors = {PEFT_PREFIX + k: v for k, v in state.items()}
         tensors.update(_embedding_tensors(lora_model, config, name, save_embedding_layers))
         found.append((name, config, tensors))
     if sharded:  # every rank is here; the whole tensors land on rank 0
@@ -123,6 +135,21 @@ def save_adapters(
         })
         # A weights file of the other format would be an older adapter, and loaders prefer safetensors.
         (out / stale).unlink(missing_ok=True)
+
+
+def adapter_file_tensors(lora_model, adapter_name: str, save_embedding_layers: bool | str = "auto",
+                         state_dict: Optional[Mapping[str, Tensor]] = None) -> dict[str, Tensor]:
+    """One adapter's tensors keyed as its PEFT file keys them (``base_model.model.`` + PEFT key): what
+    ``save_pretrained`` writes for it, and what :func:`lorakit.get_peft_model_state_dict` returns. ``state_dict``
+    (keyed as ``PeftModel.state_dict()``): take the values from there (shapes checked)."""
+    if save_embedding_layers not in ("auto", True, False):
+        raise ValueError(f"save_embedding_layers={save_embedding_layers!r} is invalid: expected 'auto', True or False")
+    config = lora_model.peft_config[adapter_name]
+    tensors = {PEFT_PREFIX + k: v for k, v in lora_model.adapter_state(adapter_name).items()}
+    tensors.update(_embedding_tensors(lora_model, config, adapter_name, save_embedding_layers))
+    if state_dict is not None:
+        tensors = _taken_from(state_dict, tensors)
+    return to_peft(strip_peft_prefix(tensors), adapter_name)
 
 
 def _taken_from(state_dict: Mapping[str, Tensor], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -163,6 +190,9 @@ def _selected_adapters(lora_model, selected: Optional[Sequence[str]]) -> list[st
 def _config_json(lora_model, config: LoraConfig, adapter_name: str) -> str:
     """The config as saved: every field, in inference mode, with the GPT-2 flag PEFT would set and our version."""
     extra = {"peft_type": "LORA", "inference_mode": True, "lorakit_version": __version__}
+    if config.task_type is None:  # PEFT's AutoPeftModel finds the base model's class here
+        base = type(lora_model.model)
+        extra["auto_mapping"] = {"base_model_class": base.__name__, "parent_library": base.__module__}
     # lorakit detects GPT-2's Conv1D by class; PEFT readers expect the flag in the file.
     if any(isinstance(layer, LoraLinear) and layer.transpose_delta and adapter_name in layer.r
            for _, layer in lora_model.lora_layers()):

@@ -14,9 +14,15 @@ import enum
 import json
 import numbers
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
+
+from .config_fields import (
+    check_file_fields,
+    check_init_lora_weights,
+    check_unknown_fields,
+    check_unsupported_fields,
+)
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -108,8 +114,29 @@ def _check_alpha(field_name: str, value: Any) -> None:
         raise _bad(field_name, value, "a real number", TypeError)
 
 
+class PeftConfig:
+    """PEFT's base config class. lorakit implements LoRA only, so ``PeftConfig.from_pretrained`` reads an
+    ``adapter_config.json`` as a :class:`LoraConfig` (any other ``peft_type`` is refused), and
+    ``isinstance(config, PeftConfig)`` holds for every LoraConfig."""
+
+    is_prompt_learning = False
+    is_adaption_prompt = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None,
+                        **kwargs: Any) -> "LoraConfig":
+        """The config in ``adapter_config.json`` of a folder (or a Hub repo id, through huggingface_hub)."""
+        return read_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike) -> dict[str, Any]:
+        """The JSON object in ``path_json_file`` as a dict (PEFT's method of the same name)."""
+        with open(path_json_file, encoding="utf-8") as f:
+            return json.load(f)
+
+
 @dataclass
-class LoraConfig:
+class LoraConfig(PeftConfig):
     """Configuration of one LoRA adapter; PEFT's field names, defaults and meanings (see SPEC.md)."""
 
     r: int = 8
@@ -126,14 +153,35 @@ class LoraConfig:
     init_lora_weights: Union[bool, str] = True
     fan_in_fan_out: bool = False
     use_rslora: bool = False
-    target_parameters: Optional[list[str]] = None
-    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
-    lora_bias: bool = False
     task_type: Optional[str] = None
     inference_mode: bool = False
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
     peft_type: str = "LORA"
+    # PEFT 0.21.2's other fields, same names and defaults; lorakit.config_fields says which values are refused.
+    megatron_config: Optional[dict] = None
+    megatron_core: Optional[str] = "megatron.core"
+    trainable_token_indices: Optional[Union[list[int], dict]] = None
+    loftq_config: Union[dict, Any] = field(default_factory=dict)
+    eva_config: Optional[dict] = None
+    corda_config: Optional[dict] = None
+    lora_ga_config: Optional[dict] = None
+    use_dora: bool = False
+    velora_config: Optional[dict] = None
+    alora_invocation_tokens: Optional[list[int]] = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: Optional[dict] = None
+    layer_replication: Optional[list[tuple[int, int]]] = None
+    runtime_config: Optional[dict] = field(default_factory=lambda: {"ephemeral_gpu_offload": False})
+    lora_bias: bool = False
+    target_parameters: Optional[list[str]] = None
+    use_bdlora: Optional[dict] = None
+    arrow_config: Optional[dict] = None
+    kasa_config: Optional[dict] = None
+    ensure_weight_tying: bool = False
+    auto_mapping: Optional[dict] = None
+    peft_version: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -144,8 +192,7 @@ class LoraConfig:
             raise _bad("lora_dropout", self.lora_dropout, "a float in [0, 1)")
         if self.bias not in _BIAS_CHOICES:
             raise _bad("bias", self.bias, f"one of {_BIAS_CHOICES}")
-        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
-            raise _bad("init_lora_weights", self.init_lora_weights, "True, False or 'gaussian'")
+        check_init_lora_weights(self.init_lora_weights)
         for name in ("fan_in_fan_out", "use_rslora", "inference_mode", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "a bool", TypeError)
@@ -159,6 +206,11 @@ class LoraConfig:
             if task not in TASK_TYPES:
                 raise _bad("task_type", self.task_type, f"None or one of {TASK_TYPES}")
             self.task_type = str(task)
+
+        for name, value in list(vars(self).items()):  # PEFT's sub-config objects (LoftQConfig, ...) as their JSON dicts
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                setattr(self, name, dataclasses.asdict(value))
+        check_unsupported_fields(vars(self))
 
         self.target_modules = _check_names("target_modules", self.target_modules, allow_str=True)
         self.exclude_modules = _check_names("exclude_modules", self.exclude_modules, allow_str=True)
@@ -201,27 +253,20 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """All fields, JSON-ready, in PEFT's adapter_config.json shape."""
         out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out.pop("runtime_config")  # describes a run, not the adapter: PEFT leaves it out of the file too
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, warn_unknown: bool = True) -> "LoraConfig":
-        """Build from an adapter_config.json dict; fields lorakit does not know are ignored with a warning.
-
-        Newer PEFT releases add fields (DoRA, LoftQ, ...). Fields at their PEFT default change nothing and are
-        dropped quietly; a field set to something lorakit cannot honour is named in the warning.
-        """
+    def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
+        """Build from an adapter_config.json dict. Every field of PEFT 0.21.2 is known; a value lorakit cannot honour
+        is refused naming the field (:mod:`lorakit.config_fields`), never dropped. Fields from a newer PEFT pass
+        only when empty (``None``, ``False``, ``{}``); file metadata (versions) is kept or dropped quietly."""
         data = dict(data)
         peft_type = data.pop("peft_type", "LORA")
         if peft_type not in ("LORA", None):
             raise ValueError(f"adapter config has peft_type={peft_type!r}; lorakit loads only 'LORA' adapters")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = {k: v for k, v in data.items() if k not in known}
-        meaningful = {k: v for k, v in unknown.items() if not _is_harmless_default(k, v)}
-        if meaningful and warn_unknown:
-            warnings.warn(
-                f"adapter config fields lorakit does not support were ignored: {sorted(meaningful)}",
-                stacklevel=2,
-            )
+        check_unknown_fields({k: v for k, v in data.items() if k not in known})
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save_pretrained(self, save_directory: str | os.PathLike, **extra: Any) -> None:
@@ -230,11 +275,6 @@ class LoraConfig:
 
         os.makedirs(save_directory, exist_ok=True)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), config_json(self, **extra))
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, subfolder: Optional[str] = None, **kwargs: Any) -> "LoraConfig":
-        """Read ``adapter_config.json`` from a folder (or a Hub repo id, through huggingface_hub)."""
-        return read_config(path, subfolder=subfolder, **kwargs)
 
 
 def config_json(config: LoraConfig, **extra: Any) -> str:
@@ -259,42 +299,7 @@ def read_config(model_id, subfolder: Optional[str] = None, revision: Optional[st
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     try:
+        check_file_fields(data)
         return LoraConfig.from_dict(data)
     except (ValueError, TypeError) as e:
         raise type(e)(f"{path}: {e}") from None
-
-
-# Defaults of PEFT fields that lorakit does not implement: loading them at these values changes nothing.
-_HARMLESS_DEFAULTS: dict[str, tuple] = {
-    "auto_mapping": (None,),
-    "use_dora": (False, None),
-    "use_qalora": (False, None),
-    "qalora_group_size": (16, None),
-    "loftq_config": ({}, None),
-    "megatron_config": (None,),
-    "megatron_core": ("megatron.core", None),
-    "layer_replication": (None,),
-    "runtime_config": ({"ephemeral_gpu_offload": False}, {}, None),
-    "eva_config": (None,),
-    "corda_config": (None,),
-    "lora_bias": (False, None),
-    "trainable_token_indices": (None,),
-    "target_parameters": (None, []),
-    "exclude_modules": (None,),
-    "arrow_config": (None,),
-    "ensure_weight_tying": (False, None),
-    "alora_invocation_tokens": (None,),
-    "use_bdlora": (None, False),
-    "bdlora_config": (None,),
-    "kasa_config": (None,),
-    "lora_ga_config": (None,),
-    "monteclora_config": (None,),
-    "velora_config": (None,),
-}
-
-# Written by PEFT / lorakit to describe the file, not the adapter: dropped quietly whatever their value.
-_METADATA_FIELDS = ("peft_version", "lorakit_version", "auto_mapping")
-
-
-def _is_harmless_default(key: str, value: Any) -> bool:
-    return key in _METADATA_FIELDS or any(value == d for d in _HARMLESS_DEFAULTS.get(key, ()))

@@ -168,6 +168,9 @@ class LoraModel(nn.Module):
                 module.delete_adapter(adapter_name)
             for name, original in reversed(created):
                 parent, child = parent_and_child(self.model, name)
+                layer = getattr(parent, child)
+                if isinstance(layer, LoraLayer) and adapter_name in layer.r:
+                    layer.delete_adapter(adapter_name)  # gives back a base weight PiSSA/OLoRA rewrote
                 setattr(parent, child, original)
             raise
         if adapter_name in self.active_adapters:
@@ -385,6 +388,8 @@ class LoraModel(nn.Module):
                 while isinstance(replacement, LoraLayer):  # wrappers nest for several target_parameters
                     if not merge and replacement.merged:
                         replacement.unmerge()
+                    if not merge:
+                        replacement.restore_base()  # "as it was": a PiSSA/OLoRA residual goes back to the original
                     untied |= replacement.has_private_weight
                     replacement = replacement.unwrapped()
                 replaced.append(name)

@@ -13,9 +13,13 @@ def test_every_peft_default_we_share_is_the_same():
             for f in dataclasses.fields(LoraConfig)}
     theirs = peft.LoraConfig()
     for name, value in ours.items():
-        if name in ("peft_type", "task_type", "target_modules"):
+        if name in ("peft_type", "task_type", "target_modules", "peft_version"):  # PEFT fills in its version
             continue
-        assert getattr(theirs, name) == value, name
+        theirs_value = getattr(theirs, name)
+        if dataclasses.is_dataclass(theirs_value):  # PEFT's sub-config objects: lorakit keeps their JSON dicts
+            theirs_value = dataclasses.asdict(theirs_value)
+        assert theirs_value == value, name
+    assert set(ours) == set(vars(theirs)) - {"_custom_modules"}  # every PEFT field, nothing more
     assert str(theirs.peft_type.value) == ours["peft_type"]
 
 
@@ -30,7 +34,8 @@ def test_every_peft_default_we_share_is_the_same():
         (dict(lora_dropout=1.0), ValueError, ["lora_dropout=1.0", "[0, 1)"]),
         (dict(lora_dropout=-0.1), ValueError, ["lora_dropout"]),
         (dict(bias="some"), ValueError, ["bias='some'", "lora_only"]),
-        (dict(init_lora_weights="pissa"), ValueError, ["init_lora_weights", "gaussian"]),
+        (dict(init_lora_weights="pisa"), ValueError, ["init_lora_weights", "gaussian"]),
+        (dict(init_lora_weights="loftq"), NotImplementedError, ["init_lora_weights='loftq'"]),
         (dict(init_lora_weights=1), ValueError, ["init_lora_weights"]),
         (dict(target_modules=["q", 3]), TypeError, ["target_modules"]),
         (dict(target_modules=5), TypeError, ["target_modules"]),
@@ -62,10 +67,18 @@ def test_good_values_are_kept_and_normalised():
     assert LoraConfig(task_type=peft.TaskType.SEQ_CLS).task_type == "SEQ_CLS"
 
 
-def test_dict_round_trip_and_unknown_fields_warn():
+def test_dict_round_trip_and_unknown_fields_refused_unless_empty():
     c = LoraConfig(r=4, target_modules=["q"], rank_pattern={"q": 2})
     assert LoraConfig.from_dict(c.to_dict()) == c
-    data = c.to_dict() | {"use_dora": False, "some_future_field": 3}
-    with pytest.warns(UserWarning, match="some_future_field"):
-        again = LoraConfig.from_dict(data)
-    assert again == c
+    data = c.to_dict() | {"use_dora": False, "some_future_field": None, "peft_version": "0.99"}
+    assert LoraConfig.from_dict(data).r == 4
+    with pytest.raises(ValueError, match="some_future_field=3"):
+        LoraConfig.from_dict(data | {"some_future_field": 3})
+
+
+def test_json_shape_is_peft_s():
+    """to_dict has PEFT's keys (runtime_config is left out of the file by both) and PEFT reads it back."""
+    ours = LoraConfig(target_modules=["q"], r=4).to_dict()
+    assert set(ours) == set(peft.LoraConfig(target_modules=["q"]).to_dict())
+    theirs = peft.LoraConfig(**{k: v for k, v in ours.items() if k != "peft_type"})
+    assert theirs.r == 4 and theirs.target_modules == {"q"}

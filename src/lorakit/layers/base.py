@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..exact_merge import Scratch, merge_exact, unmerge_exact
 from ..ops import adapter_dtype, kaiming_uniform_, lora_delta, lora_factors, lora_scaling
 from .construction import init_module, new_module
+from .init import check_base_rewrite, restore_base
 from .rows import RowAdapters, StackCache
 
 __all__ = ["LoraLayer", "factor_weight"]
@@ -67,6 +68,7 @@ class LoraLayer(nn.Module):
             _live=(),  # adapters the forward adds: active, present, unmerged, not disabled
             _rows=None,  # set for the length of one mixed-batch call
             _stack_cache=None,
+            base_rewrite=None,  # a PiSSA/OLoRA adapter's rewrite of the base weight (lorakit.layers.init)
         )
 
     # -- construction ---------------------------------------------------------------------------------------------
@@ -96,6 +98,7 @@ class LoraLayer(nn.Module):
         if lora_bias and not self.supports_lora_bias:
             raise ValueError(f"lora_bias=True is not supported for {type(self).__name__} layers "
                              f"({type(self.base_layer).__name__}); PEFT supports it on Linear, Conv1D and Conv layers")
+        check_base_rewrite(self, adapter_name)
         weight = self.weight
         device = weight.device if weight.device.type != "meta" else torch.device("cpu")
         dtype = adapter_dtype(weight)
@@ -121,7 +124,12 @@ class LoraLayer(nn.Module):
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
         """PEFT's initialisations: ``True`` kaiming-uniform A and zero B; ``"gaussian"`` normal A (std 1/r) and
         zero B; ``False`` both kaiming-uniform (a non-zero adapter, for tests). Factors are created uninitialised,
-        so this is the only initialisation they get."""
+        so this is the only initialisation they get. Other string inits exist for linear layers only (as in PEFT)."""
+        if isinstance(init_lora_weights, str) and init_lora_weights != "gaussian":
+            raise ValueError(
+                f"init_lora_weights={init_lora_weights!r} is implemented for linear layers only (as in PEFT), not for "
+                f"{type(self.base_layer).__name__}; exclude that module or use init_lora_weights=True"
+            )
         A, B = self._factor_params(adapter_name)
         with torch.no_grad():
             if init_lora_weights == "gaussian":
@@ -287,6 +295,8 @@ class LoraLayer(nn.Module):
                 del holder[adapter_name]
         for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.dropout_p):
             table.pop(adapter_name, None)
+        if self.base_rewrite is not None and self.base_rewrite.adapter_name == adapter_name:
+            restore_base(self)  # its PiSSA/OLoRA residual goes with it: the original weight, bit for bit
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
         self._refresh()
 
@@ -297,6 +307,10 @@ class LoraLayer(nn.Module):
             self._live = ()
         else:
             self._live = tuple(a for a in self.active_adapters if a in self.r and a not in self.merged_adapters)
+
+    def restore_base(self) -> None:
+        """Give the base layer its original weight back if a PiSSA/OLoRA adapter rewrote it (``unload()``)."""
+        restore_base(self)
 
     # -- merging ----------------------------------------------------------------------------------------------------
     def check_mergeable(self) -> None:

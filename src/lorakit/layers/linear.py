@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..ops import add_dropped_lora, add_lora, add_lora_rows
 from .base import LoraLayer
 from .construction import Factor
+from .init import initialize
 from .rows import RowAdapters
 
 try:  # the global hooks that Module.__call__ checks (see Linear.forward)
@@ -50,6 +51,14 @@ class Linear(LoraLayer):
     def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         self.lora_A[adapter_name] = Factor(self.in_features, r, dtype, device)
         self.lora_B[adapter_name] = Factor(r, self.out_features, dtype, device)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
+        """As :meth:`LoraLayer.reset_lora_parameters`, plus ``"orthogonal"``, PiSSA and OLoRA
+        (:mod:`lorakit.layers.init`)."""
+        if isinstance(init_lora_weights, str) and init_lora_weights != "gaussian":
+            initialize(self, adapter_name, init_lora_weights)
+        else:
+            super().reset_lora_parameters(adapter_name, init_lora_weights)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """:meth:`LoraLayer.forward`, calling the base layer as ``F.linear`` where that is exactly what calling it
