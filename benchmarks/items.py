@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import memory
+from . import moe
 from . import workloads as w
 from .harness import BenchError, Group, Row, Stats, Target, Unsupported, failure_text, timed
 
@@ -479,6 +480,7 @@ SECTIONS: dict[str, Callable[[Context], list[Row]]] = {
     "inject": section_inject,
     "roundtrip": section_roundtrip,
     "memory": section_memory,
+    "moe": moe.section_moe,
 }
 
 

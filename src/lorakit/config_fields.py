@@ -54,9 +54,6 @@ METADATA_FIELDS = ("peft_version", "lorakit_version", "auto_mapping", "runtime_c
 # refused. ``None``/``False``/``{}``/``[]`` in a tuple are compared by equality.
 UNSUPPORTED_FIELDS: dict[str, tuple[tuple, str]] = {
     "use_dora": ((False, None), "DoRA (weight-decomposed LoRA) is not implemented yet"),
-    "lora_bias": ((False, None), "a trainable bias on lora_B is not implemented yet"),
-    "target_parameters": ((None, []), "LoRA on bare nn.Parameters (e.g. MoE experts) is not implemented yet"),
-    "trainable_token_indices": ((None, {}, []), "training selected embedding rows is not implemented yet"),
     "alora_invocation_tokens": ((None,), "Activated LoRA changes which tokens the adapter acts on"),
     "layer_replication": ((None, []), "layer replication changes the base model's layer stack"),
     "megatron_config": ((None,), "Megatron parallel linear layers are not supported"),
