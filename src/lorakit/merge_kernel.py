@@ -1,0 +1,96 @@
+"""The exact merge as one compiled pass per weight (numba, CPU), for :mod:`lorakit.exact_merge`.
+
+Optional: ``pip install lorakit[fast]`` installs numba; without it (or on another device, or for dtypes other than
+float32/bfloat16/float16 weights with a float32 update) :mod:`lorakit.exact_merge` does the same in eager PyTorch
+passes. The two give the same bits: the arithmetic here is PyTorch's, element by element. ``W + Δ`` (and
+``W − Δ``) is summed in float32 and rounded once to the weight's dtype (round to nearest even), ``Δ`` is the float32
+product times ``float32(scale)``, and every difference of bit patterns wraps in the weight's integer width.
+
+One pass reads each element of the weight and of the product once: it adds, subtracts again, compares the bit
+patterns, writes the merged value and appends the element to the record when it does not come back (see
+:class:`lorakit.exact_merge.MergeRecord`). Where a merged value is not finite (inf/nan: PyTorch's NaN bit
+patterns depend on which of its loops produced them) the pass stops, puts back what it changed and says so; the
+caller then takes the eager path. Unmerging is one pass too (subtract, then add the recorded steps back), with the
+same rule for non-finite values.
+
+numba is imported on the first call, not with lorakit; compiled code is cached on disk (numba's ``cache=True``),
+so only the first merge after installation compiles (about a second per weight dtype).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "supports", "merge", "unmerge"]
+
+BLOCK = 1 << 16  # positions are 16-bit offsets inside blocks of this many elements (as in exact_merge)
+_KINDS = {torch.float32: (torch.int32, 0), torch.bfloat16: (torch.int16, 1), torch.float16: (torch.int16, 2)}
+_state: dict = {}
+_lock = threading.Lock()
+
+
+def available() -> bool:
+    """Whether numba can be imported (the compiled path is used at all)."""
+    return _kernels() is not None
+
+
+def supports(weight: Tensor, delta: Tensor) -> bool:
+    """Whether the compiled pass handles this contiguous weight and float32 product."""
+    return (weight.device.type == "cpu" and delta.device.type == "cpu" and weight.dtype in _KINDS
+            and delta.dtype == torch.float32 and weight.is_contiguous() and delta.is_contiguous()
+            and available())
+
+
+def merge(weight: Tensor, delta: Tensor, scale: float, buffers: dict) -> Optional[tuple]:
+    """``weight += delta · scale`` in place (both flat); returns ``(counts, offsets, steps, escape_index,
+    escape_bits)`` as tensors, or ``None`` with ``weight`` unchanged where a merged value is not finite.
+    ``buffers``: a slot name → tensor getter ``(slot, numel, dtype)`` for the work buffers."""
+    ints, kind = _KINDS[weight.dtype]
+    n = weight.numel()
+    bits = weight.view(ints)
+    counts = torch.zeros(n // BLOCK + 1, dtype=torch.int32)  # as exact_merge counts them
+    offsets, steps = buffers("offsets", n, torch.int16), buffers("steps", n, torch.int8)
+    escape_index, escape_bits = buffers("escape_index", n, torch.int64), buffers("escape_bits", n, ints)
+    fn = _kernels()["merge"]
+    found = fn(bits.numpy(), delta.numpy(), _f32(scale), kind, counts.numpy(), offsets.numpy(), steps.numpy(),
+               escape_index.numpy(), escape_bits.numpy())
+    if found[0] < 0:
+        return None
+    return counts, offsets[:found[0]].clone(), steps[:found[0]].clone(), escape_index[:found[1]].clone(), \
+        escape_bits[:found[1]].clone()
+
+
+def unmerge(weight: Tensor, delta: Tensor, scale: float, counts: Tensor, offsets: Tensor, steps: Tensor,
+            escape_index: Tensor, escape_bits: Tensor) -> bool:
+    """``weight −= delta · scale`` in place, then the record's steps and escapes; ``False`` with ``weight``
+    unchanged where a merged value or the product is not finite."""
+    ints, kind = _KINDS[weight.dtype]
+    fn = _kernels()["unmerge"]
+    return bool(fn(weight.view(ints).numpy(), delta.numpy(), _f32(scale), kind, counts.numpy(), offsets.numpy(),
+                   steps.numpy(), escape_index.numpy(), escape_bits.numpy()))
+
+
+def _f32(x: float):
+    import numpy as np
+
+    return np.float32(x)
+
+
+def _kernels() -> Optional[dict]:
+    """The compiled functions (built once; ``None`` without numba)."""
+    if "kernels" not in _state:
+        with _lock:
+            if "kernels" not in _state:
+                try:
+                    from . import merge_kernel_numba
+                except ImportError:
+                    _state["kernels"] = None
+                else:
+                    _state["kernels"] = {"merge": merge_kernel_numba.merge_pass,
+                                         "unmerge": merge_kernel_numba.unmerge_pass}
+    return _state["kernels"]
+
