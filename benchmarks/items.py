@@ -7,6 +7,7 @@ min–max and the per-round ratio lorakit/PEFT.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import shutil
@@ -154,7 +155,7 @@ def section_merge(ctx: Context) -> list[Row]:
     """``merge_adapter``/``unmerge_adapter`` (exact, reversible in lorakit) and ``merge_and_unload``, side by side.
     The first case is the benchmark's adapter (‖ΔW‖/‖W‖ about 16 %, the plain ``merge_adapter`` rows); then a
     trained-looking update 10× smaller in fp32 and bf16, and PEFT's ``init_lora_weights=False`` (|ΔW| ≫ |W|)."""
-    rows: list[Row] = []
+    rows: list[Row] = [Row("lorakit's exact merge", _merge_path(), "—")]
     probe = w.token_ids(ctx.scale, 1, 8)
     for suffix, dtype, b_std in MERGE_CASES:
         models = _merge_models(ctx, dtype, b_std)
@@ -168,9 +169,14 @@ def section_merge(ctx: Context) -> list[Row]:
             g = Group(ctx.errors)
             for n, m in models.items():
                 g.add(n, lambda m=m, what=what: _merge_step(m, what))
+            if not suffix:  # lorakit without numba (or with it switched off): the eager PyTorch passes
+                g.add("eager", lambda m=models["lorakit"], what=what: _merge_step(m, what, compiled=False))
             g.run(ctx.rounds)
             rows.append(Row(f"{what}_adapter{label}", g.cell("lorakit"), g.cell("peft"), g.ratio("lorakit", "peft"),
                             NO_SLOWER))
+            if not suffix:
+                rows.append(Row(f"{what}_adapter, eager fallback (no numba)", g.cell("eager"), g.cell("peft"),
+                                g.ratio("eager", "peft")))
         if suffix:
             continue
         log("merge_and_unload")
@@ -228,17 +234,40 @@ def _relative_update(model: nn.Module) -> float:
     return float(delta / weight)
 
 
-def _merge_step(model: nn.Module, what: str) -> Callable[[], float]:
+def _merge_path() -> str:
+    """Which path lorakit's exact merge takes here (waits for the compiled one to load, so that it is measured)."""
+    try:
+        from lorakit import merge_kernel
+    except ImportError:
+        return "eager PyTorch passes"
+    if merge_kernel.ready(timeout=600):
+        import numba
+
+        return f"compiled pass (numba {numba.__version__})"
+    return "eager PyTorch passes (numba not installed)"
+
+
+def _merge_step(model: nn.Module, what: str, compiled: bool = True) -> Callable[[], float]:
     def run() -> float:
-        if what == "merge":
-            t = timed(model.merge_adapter)
-            model.unmerge_adapter()
-        else:
-            model.merge_adapter()
-            t = timed(model.unmerge_adapter)
+        with _merge_paths(compiled):
+            if what == "merge":
+                t = timed(model.merge_adapter)
+                model.unmerge_adapter()
+            else:
+                model.merge_adapter()
+                t = timed(model.unmerge_adapter)
         return t
 
     return run
+
+
+def _merge_paths(compiled: bool):
+    """lorakit's ``exact_merge.compiled`` switch where it exists (a no-op for PEFT's models)."""
+    try:
+        from lorakit.exact_merge import compiled as switch
+    except ImportError:
+        return contextlib.nullcontext()
+    return switch(compiled)
 
 
 def _unload_step(model: nn.Module) -> Callable[[], float]:

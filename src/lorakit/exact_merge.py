@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from . import merge_kernel
+from .merge_kernel import merge as compiled_merge, supports as compiled_supports, unmerge as compiled_unmerge
 
 __all__ = ["MergeRecord", "Scratch", "compiled", "merge_exact", "unmerge_exact"]
 
@@ -111,10 +111,10 @@ def merge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float = 1.0,
 def _merge_compiled(matrix: Tensor, left: Tensor, right: Tensor, scale: float,
                     scratch: Scratch) -> Optional[MergeRecord]:
     """:func:`merge_exact` in one compiled pass; ``None`` (nothing changed) where it does not apply."""
-    if not (_USE_COMPILED[0] and merge_kernel.supports(matrix, left)):
+    if not (_USE_COMPILED[0] and compiled_supports(matrix, left)):
         return None
     product = _product(left, right, scratch)
-    found = merge_kernel.merge(matrix.view(-1), product.view(-1), scale,
+    found = compiled_merge(matrix.view(-1), product.view(-1), scale,
                                lambda slot, n, dtype: scratch.get(slot, n, dtype, matrix.device))
     return None if found is None else MergeRecord(*found)
 
@@ -147,7 +147,7 @@ def unmerge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float, rec
     scratch = scratch or Scratch()
     with torch.no_grad():
         product = _product(left, right, scratch)
-        done = (_USE_COMPILED[0] and merge_kernel.supports(matrix, product) and merge_kernel.unmerge(
+        done = (_USE_COMPILED[0] and compiled_supports(matrix, product) and compiled_unmerge(
             matrix.view(-1), product.view(-1), scale, record.counts, record.offsets, record.steps,
             record.escape_index, record.escape_bits))
         if not done:

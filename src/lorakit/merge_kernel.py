@@ -13,8 +13,10 @@ patterns depend on which of its loops produced them) the pass stops, puts back w
 caller then takes the eager path. Unmerging is one pass too (subtract, then add the recorded steps back), with the
 same rule for non-finite values.
 
-numba is imported on the first call, not with lorakit; compiled code is cached on disk (numba's ``cache=True``),
-so only the first merge after installation compiles (about a second per weight dtype).
+numba is not imported with lorakit. The first merge starts a background thread that imports it and loads the
+compiled passes (compiled once per installation and cached on disk by numba's ``cache=True``: seconds the first
+time, about a second afterwards); merges run the eager way until they are ready, so no merge waits for a compiler.
+:func:`ready` waits for them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["available", "supports", "merge", "unmerge"]
+__all__ = ["available", "ready", "supports", "merge", "unmerge"]
 
 BLOCK = 1 << 16  # positions are 16-bit offsets inside blocks of this many elements (as in exact_merge)
 _KINDS = {torch.float32: (torch.int32, 0), torch.bfloat16: (torch.int16, 1), torch.float16: (torch.int16, 2)}
@@ -34,8 +36,18 @@ _lock = threading.Lock()
 
 
 def available() -> bool:
-    """Whether numba can be imported (the compiled path is used at all)."""
-    return _kernels() is not None
+    """Whether the compiled passes are loaded (starts loading them in the background if nothing has yet)."""
+    if "kernels" not in _state:
+        _start_loading()
+    return bool(_state.get("kernels"))
+
+
+def ready(timeout: Optional[float] = None) -> bool:
+    """Wait (at most ``timeout`` seconds) until the compiled passes are loaded or known to be unavailable (numba not
+    installed); whether they can be used."""
+    available()
+    _state["loaded"].wait(timeout)
+    return bool(_state.get("kernels"))
 
 
 def supports(weight: Tensor, delta: Tensor) -> bool:
@@ -80,17 +92,37 @@ def _f32(x: float):
     return np.float32(x)
 
 
-def _kernels() -> Optional[dict]:
-    """The compiled functions (built once; ``None`` without numba)."""
-    if "kernels" not in _state:
-        with _lock:
-            if "kernels" not in _state:
-                try:
-                    from . import merge_kernel_numba
-                except ImportError:
-                    _state["kernels"] = None
-                else:
-                    _state["kernels"] = {"merge": merge_kernel_numba.merge_pass,
-                                         "unmerge": merge_kernel_numba.unmerge_pass}
+def _kernels() -> dict:
     return _state["kernels"]
 
+
+def _start_loading() -> None:
+    with _lock:
+        if "loaded" in _state:
+            return
+        _state["loaded"] = threading.Event()
+        threading.Thread(target=_load, name="lorakit-merge-kernel", daemon=True).start()
+
+
+def _load() -> None:
+    """Import numba and the passes, and run each once on a few elements of every dtype (loads or compiles them)."""
+    kernels = None
+    try:
+        import numpy as np
+
+        from .merge_kernel_numba import merge_pass, unmerge_pass
+
+        for ints, kind in ((np.int32, 0), (np.int16, 1), (np.int16, 2)):  # _KINDS, without torch in this thread
+            bits, delta = np.zeros(8, ints), np.zeros(8, np.float32)
+            found = merge_pass(bits, delta, np.float32(1), kind, np.zeros(1, np.int32), np.zeros(8, np.int16),
+                               np.zeros(8, np.int8), np.zeros(8, np.int64), np.zeros_like(bits))
+            unmerge_pass(bits, delta, np.float32(1), kind, np.zeros(1, np.int32), np.zeros(found[0], np.int16),
+                         np.zeros(found[0], np.int8), np.zeros(0, np.int64), np.zeros(0, bits.dtype))
+        kernels = {"merge": merge_pass, "unmerge": unmerge_pass}
+    except ImportError:
+        pass  # numba is not installed: the eager passes
+    except Exception as exc:  # noqa: BLE001 - a compiler failure must not break merging
+        _state["error"] = exc
+    finally:
+        _state["kernels"] = kernels
+        _state["loaded"].set()
