@@ -51,8 +51,10 @@ def ready(timeout: Optional[float] = None) -> bool:
 
 
 def supports(weight: Tensor, delta: Tensor) -> bool:
-    """Whether the compiled pass handles this contiguous weight and float32 product."""
-    return (weight.device.type == "cpu" and delta.device.type == "cpu" and weight.dtype in _KINDS
+    """Whether the compiled pass handles this weight and product: plain contiguous CPU tensors (no subclass such as
+    a DTensor), a float32/bfloat16/float16 weight, a float32 product."""
+    return (type(weight) is Tensor and type(delta) is Tensor and weight.device.type == "cpu"
+            and delta.device.type == "cpu" and weight.dtype in _KINDS
             and delta.dtype == torch.float32 and weight.is_contiguous() and delta.is_contiguous()
             and available())
 
