@@ -14,15 +14,16 @@ caller then takes the eager path. Unmerging is one pass too (subtract, then add 
 same rule for non-finite values.
 
 numba is not imported with lorakit. The first merge starts a background thread that imports it and loads the
-compiled passes (compiled once per installation and cached on disk by numba's ``cache=True``: seconds the first
-time, about a second afterwards); merges run the eager way until they are ready, so no merge waits for a compiler.
+compiled passes (compiled once per installation and cached on disk by numba's ``cache=True``: tens of seconds of
+one core the first time, 1–2 s afterwards); merges run the eager way until they are ready, so no merge waits for a
+compiler.
 :func:`ready` waits for them.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -59,10 +60,11 @@ def supports(weight: Tensor, delta: Tensor) -> bool:
             and available())
 
 
-def merge(weight: Tensor, delta: Tensor, scale: float, buffers: dict) -> Optional[tuple]:
+def merge(weight: Tensor, delta: Tensor, scale: float, buffers: Callable[[str, int, torch.dtype], Tensor]
+          ) -> Optional[tuple]:
     """``weight += delta · scale`` in place (both flat); returns ``(counts, offsets, steps, escape_index,
-    escape_bits)`` as tensors, or ``None`` with ``weight`` unchanged where a merged value is not finite.
-    ``buffers``: a slot name → tensor getter ``(slot, numel, dtype)`` for the work buffers."""
+    escape_bits)`` as tensors (the fields of :class:`lorakit.exact_merge.MergeRecord`), or ``None`` with ``weight``
+    unchanged where a merged value is not finite. ``buffers(slot, numel, dtype)``: a reusable work buffer."""
     ints, kind = _KINDS[weight.dtype]
     n = weight.numel()
     bits = weight.view(ints)
