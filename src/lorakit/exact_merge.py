@@ -97,15 +97,16 @@ def merge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float = 1.0,
     """
     matrix = _as_matrix(weight, left, right)
     scratch = scratch or Scratch()
+    kept = None
     with torch.no_grad():
         if not record:
             matrix.add_(_scaled(_product(left, right, scratch), scale))
         else:
-            record = _merge_compiled(matrix, left, right, scale, scratch) or _merge_eager(matrix, left, right, scale,
-                                                                                        scratch)
+            kept = _merge_compiled(matrix, left, right, scale, scratch) or _merge_eager(matrix, left, right, scale,
+                                                                                      scratch)
         if matrix.data_ptr() != weight.data_ptr():
             weight.copy_(matrix.view(weight.shape))
-    return record or None
+    return kept
 
 
 def _merge_compiled(matrix: Tensor, left: Tensor, right: Tensor, scale: float,
@@ -115,7 +116,7 @@ def _merge_compiled(matrix: Tensor, left: Tensor, right: Tensor, scale: float,
         return None
     product = _product(left, right, scratch)
     found = compiled_merge(matrix.view(-1), product.view(-1), scale,
-                               lambda slot, n, dtype: scratch.get(slot, n, dtype, matrix.device))
+                           lambda slot, n, dtype: scratch.get(slot, n, dtype, matrix.device))
     return None if found is None else MergeRecord(*found)
 
 
