@@ -162,3 +162,25 @@ def test_every_layer_kind_merges_the_same_by_both_paths(index, dtype):
             eager.unmerge_adapter()
         for name, p in model.named_parameters():
             assert torch.equal(bits(p.detach()), bits(original[name])), (cycle, name)
+
+
+def test_import_lorakit_does_not_import_numba_and_a_merge_does_not_wait_for_it():
+    """numba loads in the background on the first merge; until then merges take the eager path."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, lorakit\n"
+        "assert 'numba' not in sys.modules\n"
+        "from lorakit.exact_merge import merge_exact, unmerge_exact\n"
+        "W = torch.randn(64, 48); original = W.clone()\n"
+        "left, right = torch.randn(64, 4) * 0.02, torch.randn(4, 48)\n"
+        "record = merge_exact(W, left, right)\n"
+        "unmerge_exact(W, left, right, 1.0, record)\n"
+        "assert torch.equal(W, original)\n"
+        "from lorakit import merge_kernel\n"
+        "assert merge_kernel.ready(600)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
