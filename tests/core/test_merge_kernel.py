@@ -143,7 +143,14 @@ def test_every_layer_kind_merges_the_same_by_both_paths(index, dtype):
                                                        init_lora_weights=False))
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     eager = copy.deepcopy(model)
-    for cycle in range(4):
+    g = torch.Generator().manual_seed(index)
+    for cycle in range(6):
+        size = float(10 ** torch.empty(1).uniform_(-3, 0.5, generator=g))  # a new update size every cycle
+        with torch.no_grad():
+            for m in (model, eager):
+                for name, p in m.named_parameters():
+                    if "lora_B" in name or "lora_embedding_B" in name:
+                        p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(cycle)) * size)
         model.merge_adapter()
         with compiled(False):
             eager.merge_adapter()
@@ -161,7 +168,8 @@ def test_every_layer_kind_merges_the_same_by_both_paths(index, dtype):
         with compiled(False):
             eager.unmerge_adapter()
         for name, p in model.named_parameters():
-            assert torch.equal(bits(p.detach()), bits(original[name])), (cycle, name)
+            if "lora_" not in name:
+                assert torch.equal(bits(p.detach()), bits(original[name])), (cycle, name)
 
 
 def test_import_lorakit_does_not_import_numba_and_a_merge_does_not_wait_for_it():
