@@ -30,11 +30,12 @@ from torch import Tensor, nn
 from .convert import from_peft, strip_peft_prefix, to_peft, to_peft_key
 from .distributed import gather_full, is_sharded, rank
 from .config import CONFIG_NAME, LoraConfig, config_json
-from .io import HUB_KWARGS, atomic_write_many, resolve_file
+from .io import HUB_KWARGS, atomic_write_many, resolve_file, written_by_lorakit
 from .keys import PEFT_PREFIX, is_adapter_key
 from .pissa import converted_config, converted_state
 from .layers import Linear as LoraLinear
 from .layers import LoraLayer
+from .layers.multihead import peft_out_proj_as_trained
 from .version import __version__
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -422,6 +423,8 @@ class FileAdapter:
         state, rest = from_peft(self.tensors, own, self.adapter_name, self.source)
         for key, tensor in state.items():
             self._check_shape(to_peft_key(key, self.adapter_name), tensor, own[key])
+        if not written_by_lorakit(self.source):  # a PEFT file: trained with PEFT's doubled out_proj update
+            state = peft_out_proj_as_trained(self.lora_model, self.adapter_name, own, state, self.source)
         self.base = self._base_tensors(rest)
         return state
 

@@ -308,15 +308,7 @@ def read_config(model_id, subfolder: Optional[str] = None, revision: Optional[st
 def _written_by_lorakit(config_path: str | os.PathLike, data: dict[str, Any]) -> bool:
     """Whether lorakit wrote this adapter: its version is in the weights file's metadata beside the config (older
     lorakit files had it in the config itself)."""
-    if "lorakit_version" in data:
-        return True
-    weights = os.path.join(os.path.dirname(os.fspath(config_path)), "adapter_model.safetensors")
-    if not os.path.isfile(weights):
-        return False
-    from safetensors import safe_open
+    from .io import written_by_lorakit
 
-    try:
-        with safe_open(weights, framework="pt") as f:
-            return "lorakit_version" in (f.metadata() or {})
-    except Exception:  # an unreadable weights file is reported when the weights are read
-        return False
+    weights = os.path.join(os.path.dirname(os.fspath(config_path)), "adapter_model.safetensors")
+    return "lorakit_version" in data or written_by_lorakit(weights)

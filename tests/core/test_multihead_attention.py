@@ -1,5 +1,6 @@
 """``nn.MultiheadAttention``: PEFT's modules and keys, the dense float64 reference, PEFT's outputs (PEFT 0.21.2 adds
-out_proj's update twice, PEFT PR 3774: lorakit adds it once, and equals PEFT given half of out_proj's B), exact
+out_proj's update twice, PEFT PR 3774: lorakit adds it once, and equals PEFT given half of out_proj's B; a file
+PEFT wrote is loaded with out_proj's B doubled, so it gives PEFT's outputs), exact
 merge → unmerge, files both ways, and no silently unused adapter on out_proj."""
 
 import copy
@@ -111,10 +112,11 @@ def test_files_both_ways(tmp_path):
     ours.save_pretrained(tmp_path / "lk")
     theirs.save_pretrained(tmp_path / "peft")
     x = inputs()
-    from_peft = lorakit.PeftModel.from_pretrained(AttentionNet().eval(), tmp_path / "peft").eval()
+    with pytest.warns(UserWarning, match="out_proj update twice"):
+        from_peft = lorakit.PeftModel.from_pretrained(AttentionNet().eval(), tmp_path / "peft").eval()
     into_peft = peft.PeftModel.from_pretrained(AttentionNet().eval(), tmp_path / "lk").eval()
     with torch.no_grad():
-        torch.testing.assert_close(from_peft(x), ours(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(from_peft(x), theirs(x), atol=1e-5, rtol=0)  # a PEFT file gives PEFT's outputs
         torch.testing.assert_close(into_peft(x), theirs(x), atol=1e-5, rtol=0)  # same tensors, PEFT's maths
 
 
@@ -152,3 +154,22 @@ def test_refusals():
     model = lorakit.get_peft_model(AttentionNet(), lorakit.LoraConfig(target_modules=["attn"]))
     with pytest.raises(NotImplementedError, match="mixed-adapter"):
         model(inputs(), adapter_names=["default", "__base__"])
+
+
+def test_a_peft_file_loads_with_peft_outputs_and_a_lorakit_file_as_saved(tmp_path):
+    """PEFT's file holds half of the out_proj update its model applies: loaded doubled, the outputs are PEFT's;
+    lorakit's own file (version in its metadata) loads as it was saved."""
+    ours, theirs = both()
+    x = inputs()
+    theirs.save_pretrained(tmp_path / "peft")
+    with pytest.warns(UserWarning, match="out_proj update twice"):
+        loaded = lorakit.PeftModel.from_pretrained(AttentionNet().eval(), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), theirs(x), atol=1e-5, rtol=0)
+        expected = loaded(x)
+    loaded.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = lorakit.PeftModel.from_pretrained(AttentionNet().eval(), tmp_path / "ours")
+    with torch.no_grad():
+        assert torch.equal(again(x), expected)

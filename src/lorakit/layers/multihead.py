@@ -26,7 +26,7 @@ from .base import LoraLayer
 from .construction import Factor
 from .linear import Linear
 
-__all__ = ["MultiheadAttention", "check_targets", "uncalled_children"]
+__all__ = ["MultiheadAttention", "check_targets", "peft_out_proj_as_trained", "uncalled_children"]
 
 
 class MultiheadAttention(LoraLayer):
@@ -161,3 +161,31 @@ def check_targets(targets: list, uncalled: Sequence[str], all_linear: bool) -> l
         UserWarning, stacklevel=4,
     )
     return [t for t in targets if t.name not in uncalled]
+
+
+def peft_out_proj_as_trained(lora_model, adapter_name: str, own: dict, state: dict, source) -> dict:
+    """``state`` (an adapter file's tensors, keyed like ``own``) with each MultiheadAttention's ``out_proj`` B
+    doubled: PEFT 0.21.2 adds ``out_proj``'s update twice (in its forward and its merge; its PR 3774), so a file it
+    wrote holds half of the update its model was trained and evaluated with. Doubling is exact, so the loaded model
+    gives PEFT's outputs. Files lorakit writes hold the update as applied (and are loaded as they are)."""
+    doubled = {}
+    for name, layer in lora_model.lora_layers():
+        if isinstance(layer, MultiheadAttention) and adapter_name in layer.out_proj_layer.r:
+            B = layer.out_proj_layer.lora_B[adapter_name].weight
+            doubled[(B.data_ptr(), tuple(B.shape))] = name
+    if not doubled:
+        return state
+    state, changed = dict(state), []
+    for key, tensor in own.items():
+        name = doubled.get((tensor.data_ptr(), tuple(tensor.shape)))
+        if name is not None and key in state and bool(state[key].any()):
+            state[key] = state[key] * 2
+            changed.append(name)
+    if changed:
+        warnings.warn(
+            f"{source}: PEFT 0.21.2 applies nn.MultiheadAttention's out_proj update twice (its PR 3774); this file "
+            f"was written by PEFT, so out_proj's lora_B of {changed} is loaded doubled to give PEFT's outputs "
+            "(lorakit applies the update once; a file lorakit saves holds it as applied)",
+            stacklevel=4,
+        )
+    return state
