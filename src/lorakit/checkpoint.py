@@ -17,7 +17,6 @@ Key names are translated by :mod:`lorakit.convert`.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -30,12 +29,13 @@ from torch import Tensor, nn
 
 from .convert import from_peft, strip_peft_prefix, to_peft, to_peft_key
 from .distributed import gather_full, is_sharded, rank
-from .config import CONFIG_NAME, LoraConfig, config_json, read_config
-from .io import HUB_KWARGS, atomic_write_many, resolve_file
+from .config import CONFIG_NAME, LoraConfig, config_json
+from .io import HUB_KWARGS, atomic_write_many, resolve_file, written_by_lorakit
 from .keys import PEFT_PREFIX, is_adapter_key
 from .pissa import converted_config, converted_state
 from .layers import Linear as LoraLinear
 from .layers import LoraLayer
+from .layers.multihead import peft_out_proj_as_trained
 from .version import __version__
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -127,13 +127,13 @@ def save_adapters(
             tensors = _taken_from(state_dict, tensors)
         peft_keyed = to_peft(strip_peft_prefix(tensors), name)
         out = folder if name == "default" else folder / name
-        jobs.append((out, _for_disk(peft_keyed), _config_json(lora_model, config, name)))
+        jobs.append((out, _for_disk(peft_keyed), _config_json(lora_model, config, name), _layout_note(lora_model, name)))
 
-    for out, tensors, config_text in jobs:
+    for out, tensors, config_text, note in jobs:
         out.mkdir(parents=True, exist_ok=True)
         weights, stale = (SAFETENSORS_NAME, PICKLE_NAME) if safe_serialization else (PICKLE_NAME, SAFETENSORS_NAME)
         atomic_write_many({
-            out / weights: _safetensors_writer(tensors) if safe_serialization else _pickle_writer(tensors),
+            out / weights: _safetensors_writer(tensors, note) if safe_serialization else _pickle_writer(tensors),
             out / CONFIG_NAME: lambda tmp, text=config_text: Path(tmp).write_text(text, encoding="utf-8"),
         })
         # A weights file of the other format would be an older adapter, and loaders prefer safetensors.
@@ -218,12 +218,25 @@ def _for_disk(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _safetensors_writer(tensors: dict[str, Tensor]):
+#: how the factors of a 3-D (MoE experts) parameter are laid out; PEFT changed this between releases, so files
+#: that hold such factors say which layout they use (in the safetensors header, which PEFT ignores)
+EXPERT_FACTOR_LAYOUT = ("lora_A (r*E, in): expert e in rows e*r..e*r+r-1; lora_B (out, r*E): expert e in columns "
+                        "e, e+E, e+2E, ... (rank-major); weights (E, out, in), or (E, in, out) for is_transposed "
+                        "modules; as PEFT 0.21.2")
+
+
+def _layout_note(lora_model, adapter_name: str) -> dict[str, str]:
+    """Extra safetensors metadata for one adapter: the expert factor layout where the adapter has 3-D factors."""
+    experts = any(getattr(layer, "num_experts", 1) > 1 and adapter_name in layer.r for _, layer in lora_model.lora_layers())
+    return {"lorakit_expert_factor_layout": EXPERT_FACTOR_LAYOUT} if experts else {}
+
+
+def _safetensors_writer(tensors: dict[str, Tensor], note: Optional[dict[str, str]] = None):
     """Serialise in memory, write with Python: a short write is an ``OSError`` (ENOSPC, EFBIG) like any other, and
     the only temporary file is ours (adapters are small; the bytes are the file's size)."""
     from safetensors.torch import save
 
-    data = save(tensors, metadata={"format": "pt", "lorakit_version": __version__})
+    data = save(tensors, metadata={"format": "pt", "lorakit_version": __version__, **(note or {})})
     return lambda tmp: Path(tmp).write_bytes(data)
 
 
@@ -410,6 +423,8 @@ class FileAdapter:
         state, rest = from_peft(self.tensors, own, self.adapter_name, self.source)
         for key, tensor in state.items():
             self._check_shape(to_peft_key(key, self.adapter_name), tensor, own[key])
+        if not written_by_lorakit(self.source):  # a PEFT file: trained with PEFT's doubled out_proj update
+            state = peft_out_proj_as_trained(self.lora_model, self.adapter_name, own, state, self.source)
         self.base = self._base_tensors(rest)
         return state
 

@@ -90,6 +90,18 @@ def _check_pattern_dict(field_name: str, value: Any, check) -> dict:
     return dict(value)
 
 
+def _check_token_indices(value: Any) -> Any:
+    """``trainable_token_indices``: a list of token ids (the input embedding) or ``{module name: [ids]}``."""
+    if value is None:
+        return None
+    lists = value.values() if isinstance(value, dict) else [value]
+    if not all(isinstance(v, (list, tuple)) and v and all(_is_int(i) and i >= 0 for i in v) for v in lists) or (
+            isinstance(value, dict) and not all(isinstance(k, str) for k in value)):
+        raise _bad("trainable_token_indices", value, "a non-empty list of token ids, or {module name: [token ids]}",
+                   TypeError)
+    return {k: [int(i) for i in v] for k, v in value.items()} if isinstance(value, dict) else [int(i) for i in value]
+
+
 def _check_rank(field_name: str, value: Any) -> None:
     if not _is_int(value):
         raise _bad(field_name, value, "a positive int", TypeError)
@@ -183,9 +195,15 @@ class LoraConfig(PeftConfig):
         check_init_lora_weights(self.init_lora_weights)
         if self.use_dora is None:  # how older PEFT files write it off
             self.use_dora = False
-        for name in ("fan_in_fan_out", "use_rslora", "use_dora", "inference_mode"):
+        for name in ("fan_in_fan_out", "use_rslora", "use_dora", "inference_mode", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "a bool", TypeError)
+        if self.use_dora and self.lora_bias:
+            raise _bad("lora_bias", self.lora_bias, "False with use_dora=True (as in PEFT: a bias on lora_B has no "
+                       "place in DoRA's rescaled weight)")
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise _bad("lora_bias", self.lora_bias, f"False with init_lora_weights={self.init_lora_weights!r} "
+                       "(PEFT allows lora_bias=True only with init_lora_weights True or False)")
         if self.peft_type != "LORA":
             raise _bad("peft_type", self.peft_type, "'LORA' (lorakit implements LoRA only)")
         if self.task_type is not None:
@@ -202,6 +220,8 @@ class LoraConfig(PeftConfig):
         self.target_modules = _check_names("target_modules", self.target_modules, allow_str=True)
         self.exclude_modules = _check_names("exclude_modules", self.exclude_modules, allow_str=True)
         self.modules_to_save = _check_names("modules_to_save", self.modules_to_save, allow_str=False)
+        self.target_parameters = _check_names("target_parameters", self.target_parameters, allow_str=False)
+        self.trainable_token_indices = _check_token_indices(self.trainable_token_indices)
         self.rank_pattern = _check_pattern_dict("rank_pattern", self.rank_pattern, _check_rank)
         self.alpha_pattern = _check_pattern_dict("alpha_pattern", self.alpha_pattern, _check_alpha)
 
@@ -293,15 +313,7 @@ def read_config(model_id, subfolder: Optional[str] = None, revision: Optional[st
 def _written_by_lorakit(config_path: str | os.PathLike, data: dict[str, Any]) -> bool:
     """Whether lorakit wrote this adapter: its version is in the weights file's metadata beside the config (older
     lorakit files had it in the config itself)."""
-    if "lorakit_version" in data:
-        return True
-    weights = os.path.join(os.path.dirname(os.fspath(config_path)), "adapter_model.safetensors")
-    if not os.path.isfile(weights):
-        return False
-    from safetensors import safe_open
+    from .io import written_by_lorakit
 
-    try:
-        with safe_open(weights, framework="pt") as f:
-            return "lorakit_version" in (f.metadata() or {})
-    except Exception:  # an unreadable weights file is reported when the weights are read
-        return False
+    weights = os.path.join(os.path.dirname(os.fspath(config_path)), "adapter_model.safetensors")
+    return "lorakit_version" in data or written_by_lorakit(weights)

@@ -53,9 +53,6 @@ METADATA_FIELDS = ("peft_version", "lorakit_version", "auto_mapping", "runtime_c
 # PEFT fields lorakit stores but does not implement: the values at which they change nothing, and why any other is
 # refused. ``None``/``False``/``{}``/``[]`` in a tuple are compared by equality.
 UNSUPPORTED_FIELDS: dict[str, tuple[tuple, str]] = {
-    "lora_bias": ((False, None), "a trainable bias on lora_B is not implemented yet"),
-    "target_parameters": ((None, []), "LoRA on bare nn.Parameters (e.g. MoE experts) is not implemented yet"),
-    "trainable_token_indices": ((None, {}, []), "training selected embedding rows is not implemented yet"),
     "alora_invocation_tokens": ((None,), "Activated LoRA changes which tokens the adapter acts on"),
     "layer_replication": ((None, []), "layer replication changes the base model's layer stack"),
     "megatron_config": ((None,), "Megatron parallel linear layers are not supported"),

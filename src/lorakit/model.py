@@ -19,10 +19,13 @@ from .config import LoraConfig
 from .exact_merge import Scratch
 from .keys import LORA_PREFIX, adapter_key_pattern, check_adapter_names, is_adapter_key
 from .layers import LoraLayer, is_linear, lora_layer_for
+from .layers.multihead import check_targets, uncalled_children
+from .layers.parameter import direct_parameters, find_or_wrap
 from .mixed_batch import BASE, mixed_batch
 from .modules_to_save import ModulesToSaveWrapper
-from .targeting import modules_to_save_names, select_targets
+from .targeting import modules_to_save_names, select_parameters, select_targets, unadapted_expert_parameters
 from .trainability import DisabledGrads, check_bias_owner, mark_trainable
+from .trainable_tokens import TrainableTokensWrapper, inject_tokens
 from .walk import base_of, head_names, merged_names, parent_and_child, walk
 
 __all__ = ["LoraModel"]
@@ -97,16 +100,7 @@ class LoraModel(nn.Module):
             raise TypeError(f"autocast_adapter_dtype must be a bool, got {autocast_adapter_dtype!r}")
         if not isinstance(config, LoraConfig):
             raise TypeError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter_name={adapter_name!r} is invalid: expected a non-empty name without '.'")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or pick another name")
-        if adapter_name == BASE or adapter_name.startswith(LORA_PREFIX) or hasattr(nn.ModuleDict(), adapter_name):
-            raise ValueError(
-                f"adapter_name={adapter_name!r} is reserved (it is {BASE!r}, starts with {LORA_PREFIX!r}, or is an "
-                "nn.Module attribute such as 'double' or 'to'); pick another name"
-            )
-
+        _check_new_adapter_name(adapter_name, self.peft_config)
         check_bias_owner(self.peft_config, config, adapter_name, shares_biases_with)
 
         # One walk over the model: names, and which are linear (for "all-linear"), not entering our own layers.
@@ -120,13 +114,18 @@ class LoraModel(nn.Module):
             if kind is not None and is_linear(base):
                 linear.append(name)
         targets = select_targets(config, names, linear, head_names(self.model, config.task_type, named))
+        all_linear = str(config.target_modules).lower() == "all-linear"
+        targets = check_targets(targets, uncalled_children(named), all_linear)
         unsupported = [t.name for t in targets if kinds[t.name][1] is None]
         if unsupported:
             examples = ", ".join(f"{n} ({type(kinds[n][0]).__name__})" for n in unsupported[:5])
             raise ValueError(
                 f"target modules of unsupported type: {examples}. lorakit adapts nn.Linear, nn.Embedding, "
-                "nn.Conv1d/2d/3d and transformers' Conv1D; register others with lorakit.register_lora_layer"
+                "nn.Conv1d/2d/3d, nn.MultiheadAttention and transformers' Conv1D; register others with lorakit.register_lora_layer"
             )
+        parameters = direct_parameters(named)
+        param_targets = select_parameters(config, [n for n, _ in parameters])
+        _warn_unreached_experts(unadapted_expert_parameters(config, parameters))
         save_names = modules_to_save_names(config, names)
 
         created: list[tuple[str, nn.Module]] = []  # (name, original module) of layers wrapped now
@@ -145,10 +144,14 @@ class LoraModel(nn.Module):
                     updated.append(module)
                 module.update_layer(  # trainable only if active: the cost does not grow with the adapter count
                     adapter_name, t.r, t.alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora,
-                    use_dora=config.use_dora,
+                    lora_bias=config.lora_bias, use_dora=config.use_dora,
                 )
                 if not autocast_adapter_dtype:
                     module.keep_base_dtype(adapter_name)
+            for t in param_targets:
+                self._adapt_parameter(t, adapter_name, config, created, updated)
+            if config.trainable_token_indices is not None:
+                inject_tokens(self.model, config, adapter_name, self.active_adapters, names, created, updated)
             active = adapter_name in self.active_adapters  # the first adapter; later ones start inactive, frozen
             for name in save_names:
                 module = self.model.get_submodule(name)
@@ -177,6 +180,25 @@ class LoraModel(nn.Module):
             raise
         if adapter_name in self.active_adapters:  # the first adapter: freeze the base, apply the bias choice
             mark_trainable(self, inference_mode=config.inference_mode)
+
+    def _adapt_parameter(self, target, adapter_name: str, config: LoraConfig, created: list, updated: list) -> None:
+        """Give the parameter ``target.name`` (``<module>.<parameter>``) the adapter, wrapping its module in a
+        ParamWrapper if no earlier adapter did; records what changed in ``created``/``updated`` for rollback."""
+        module_name, _, parameter = target.name.rpartition(".")
+        if not module_name:
+            raise ValueError(f"target_parameters: {parameter!r} is a parameter of the model itself; only parameters "
+                             "of its submodules can be adapted")
+        holder = self.model.get_submodule(module_name)
+        layer, new = find_or_wrap(holder, parameter)
+        if new:
+            layer.active_adapters = list(self.active_adapters)
+            parent, child = parent_and_child(self.model, module_name)
+            setattr(parent, child, layer)
+            created.append((module_name, holder))
+        else:
+            updated.append(layer)
+        layer.update_layer(adapter_name, target.r, target.alpha, config.lora_dropout, config.init_lora_weights,
+                           config.use_rslora, lora_bias=config.lora_bias, use_dora=config.use_dora)
 
     def adapter_state(self, adapter_name: str) -> dict[str, Tensor]:
         """The tensors that make up one adapter, keyed by their path in ``self.model`` (adapter name included):
@@ -335,7 +357,7 @@ class LoraModel(nn.Module):
         shared = self._shared_weights()
         scratch = Scratch()  # work buffers shared by all layers
         for layer in layers:
-            layer.merge(names, own_weight=id(layer.base_layer.weight) in shared, scratch=scratch,
+            layer.merge(names, own_weight=id(layer.weight) in shared, scratch=scratch,
                         reversible=reversible)
 
     def _shared_weights(self) -> set[int]:
@@ -351,15 +373,22 @@ class LoraModel(nn.Module):
     def _unwrap(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         if merge:
             self.merge_adapter(adapter_names, safe_merge=safe_merge, reversible=False)  # the layers go away
-        untied = False
+        untied, replaced = False, []
         for name, module in list(self.model.named_modules()):
+            if any(name.startswith(f"{r}.") for r in replaced):
+                continue  # inside a module replaced as a whole (nested wrappers, MultiheadAttention's out_proj)
+            if isinstance(module, TrainableTokensWrapper):
+                module = module.token_adapter  # the wrapper goes with its layer
             if isinstance(module, LoraLayer):
-                if not merge and module.merged:
-                    module.unmerge()
-                if not merge:
-                    module.restore_base()  # "as it was": a PiSSA/OLoRA residual goes back to the original weight
-                untied |= module.has_private_weight
-                replacement = module.base_layer
+                replacement = module
+                while isinstance(replacement, LoraLayer):  # wrappers nest for several target_parameters
+                    if not merge and replacement.merged:
+                        replacement.unmerge()
+                    if not merge:
+                        replacement.restore_base()  # "as it was": a PiSSA/OLoRA residual goes back to the original
+                    untied |= replacement.has_private_weight
+                    replacement = replacement.unwrapped()
+                replaced.append(name)
             elif isinstance(module, ModulesToSaveWrapper):
                 replacement = module.unloaded_module
             else:
@@ -388,3 +417,29 @@ class LoraModel(nn.Module):
         from .combine import add_weighted_adapter
 
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
+
+def _check_new_adapter_name(adapter_name, existing) -> None:
+    """``ValueError`` unless ``adapter_name`` can name a new adapter: a fresh, non-empty name without '.', not
+    reserved (``"__base__"``, lorakit's ``lora_`` prefix, or an ``nn.Module`` attribute such as ``to``)."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name={adapter_name!r} is invalid: expected a non-empty name without '.'")
+    if adapter_name in existing:
+        raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or pick another name")
+    if adapter_name == BASE or adapter_name.startswith(LORA_PREFIX) or hasattr(nn.ModuleDict(), adapter_name):
+        raise ValueError(
+            f"adapter_name={adapter_name!r} is reserved (it is {BASE!r}, starts with {LORA_PREFIX!r}, or is an "
+            "nn.Module attribute such as 'double' or 'to'); pick another name"
+        )
+
+
+def _warn_unreached_experts(names: list[str]) -> None:
+    """``"all-linear"`` adapts linear layers only: say once which expert stacks it left alone, and how to reach them."""
+    if not names:
+        return
+    entries = sorted({".".join(n.split(".")[-2:]) for n in names})
+    warnings.warn(
+        f"target_modules='all-linear' adapts nn.Linear layers only; {len(names)} 3-D expert parameter(s) of this model "
+        f"get no adapter, e.g. {names[:4]}. To adapt the experts, add target_parameters={entries}",
+        UserWarning, stacklevel=4,
+    )

@@ -550,3 +550,15 @@ def test_exports_that_cannot_carry_magnitudes_refuse_dora_adapters():
 
     with pytest.raises(ValueError, match="DoRA"):
         to_diffusers(model, "a0")
+
+
+def test_layers_without_dora_refuse_it_by_name():
+    mha = nn.Sequential(nn.MultiheadAttention(8, 2))
+    with pytest.raises(NotImplementedError, match="use_dora=True is not supported for nn.MultiheadAttention"):
+        get_peft_model(mha, LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    assert isinstance(mha[0], nn.MultiheadAttention)  # rolled back
+    with pytest.raises(NotImplementedError, match="use_dora=True cannot be used with target_parameters"):
+        get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=[], target_parameters=["q_proj.weight"],
+                                                use_dora=True))
+    with pytest.raises(ValueError, match="lora_bias"):
+        LoraConfig(use_dora=True, lora_bias=True)

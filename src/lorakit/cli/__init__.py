@@ -66,6 +66,8 @@ def _finetune_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--dora", action="store_true", help="DoRA: weight-decomposed LoRA, a trained magnitude per output "
                    "(PEFT's use_dora=True)")
     add("--lr", float, d.lr, "peak learning rate of AdamW (10%% warm-up, cosine decay to 10%%)")
+    add("--loraplus-ratio", float, "off", "LoRA+ (lorakit.optimizers.create_loraplus_optimizer): the B matrices "
+        "get this many times --lr, e.g. 16", "RATIO")
     add("--steps", int, d.steps, "optimizer steps")
     add("--batch-size", int, d.batch_size, "examples per step")
     add("--max-length", int, d.max_length, "examples are cut to this many tokens")

@@ -21,6 +21,7 @@ class Conv(LoraLayer):
     """
 
     supports_dora = True
+    supports_lora_bias = True  # B is a 1×1 conv: its bias is applied (and scaled) with it
 
     def __init__(self, base_layer: nn.modules.conv._ConvNd) -> None:
         super().__init__(base_layer)

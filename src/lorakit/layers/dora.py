@@ -214,6 +214,9 @@ class DoraMixin:
         if not self.supports_dora:
             raise NotImplementedError(f"use_dora=True is not supported for {type(self).__name__} layers "
                                       f"(adapting {type(self.base_layer).__name__}); use plain LoRA for them")
+        if self.lora_bias_of(adapter_name) is not None:
+            raise ValueError(f"adapter {adapter_name!r} has lora_bias=True, which DoRA does not support (as in PEFT); "
+                             "use one or the other")
         if getattr(self.base_layer, "groups", 1) != 1:
             raise ValueError(f"use_dora=True needs a dense weight; {type(self.base_layer).__name__} has "
                              f"groups={self.base_layer.groups}, so W + s·B@A has no meaning for it")
@@ -300,8 +303,8 @@ class DoraMixin:
             record = self._fixups[name]
             if isinstance(record, DoraRecord):
                 dora_unmerge(copy, *self._merge_factors(name), record, self.transpose_delta)
-            else:
-                unmerge_exact(copy, *self._merge_factors(name), record)
+            else:  # a LoRA adapter's record (with lora_bias: the weight's record, the bias's, whether it was made)
+                unmerge_exact(copy, *self._merge_factors(name), record[0] if isinstance(record, tuple) else record)
         return copy
 
     def check_dora_mergeable(self, adapter_names: Sequence[str]) -> None:

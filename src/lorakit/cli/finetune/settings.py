@@ -34,6 +34,7 @@ class Settings:
     dropout: float = 0.0
     dora: bool = False  # DoRA (use_dora=True)
     lr: float = 2e-3
+    loraplus_ratio: Optional[float] = None  # LoRA+: the B matrices learn this many times faster (None: plain AdamW)
     steps: int = 20
     batch_size: int = 8
     max_length: int = 128
@@ -63,6 +64,8 @@ class Settings:
         need(self.alpha > 0 and math.isfinite(self.alpha), "alpha", self.alpha, "a number > 0")
         need(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
         need(0 < self.lr < 1, "lr", self.lr, "a learning rate in (0, 1)")
+        need(self.loraplus_ratio is None or (self.loraplus_ratio > 0 and math.isfinite(self.loraplus_ratio)),
+             "loraplus_ratio", self.loraplus_ratio, "a number > 0 (LoRA+ suggests 16)")
         need(self.steps >= 1, "steps", self.steps, "an integer >= 1")
         need(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         need(self.max_length >= 2, "max_length", self.max_length, "an integer >= 2")

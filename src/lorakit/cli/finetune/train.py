@@ -18,6 +18,7 @@ from torch import nn
 
 import lorakit.cli.data as D
 import lorakit.distributed as distributed
+from lorakit.optimizers import create_loraplus_optimizer
 
 from .checkpoints import save_checkpoint
 from .prepare import Prepared
@@ -68,7 +69,7 @@ def train_run(prep: Prepared, before: Scores, on_step: Optional[Callable[[int, f
     settings, model = prep.settings, prep.model
     rank, world = distributed.rank(), distributed.world_size()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    optimizer = build_optimizer(model, params, settings)
     plan = BatchPlan([len(e.input_ids) for e in prep.train], settings.batch_size, settings.seed)
     losses: list[float] = []
     start = 0
@@ -98,7 +99,7 @@ def train_run(prep: Prepared, before: Scores, on_step: Optional[Callable[[int, f
         for step in range(start, settings.steps):
             rows = plan(step)[rank::world]  # this process's share of the batch (all of it with one process)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, settings.steps, settings.lr)
+                group["lr"] = learning_rate(step, settings.steps, settings.lr) * group.get("lr_factor", 1.0)
             loss, n_tokens = _step(model, params, optimizer, [prep.train[i] for i in rows], prep)
             losses.append(loss)
             tokens_seen += n_tokens
@@ -113,6 +114,19 @@ def train_run(prep: Prepared, before: Scores, on_step: Optional[Callable[[int, f
     seconds_train += time.perf_counter() - t_train
     model.eval()
     return Trained(losses, seconds_train)
+
+
+def build_optimizer(model: nn.Module, params: list[torch.Tensor], settings) -> torch.optim.Optimizer:
+    """AdamW over the adapter's parameters, in LoRA+'s groups with ``--loraplus-ratio``. Each group keeps its
+    learning rate as a factor of ``--lr`` (``lr_factor``), so the schedule scales every group alike."""
+    if settings.loraplus_ratio is None:
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    else:
+        optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=settings.lr,
+                                              loraplus_lr_ratio=settings.loraplus_ratio, weight_decay=0.0)
+    for group in optimizer.param_groups:
+        group["lr_factor"] = group["lr"] / settings.lr
+    return optimizer
 
 
 def _step(model: nn.Module, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
