@@ -15,6 +15,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .adapter_scales import set_adapter_weights
 from .config import LoraConfig
 from .exact_merge import Scratch
 from .keys import LORA_PREFIX, adapter_key_pattern, check_adapter_names, is_adapter_key
@@ -249,10 +250,14 @@ class LoraModel(nn.Module):
                         layer.base_layer.bias.requires_grad_(True)
 
     # -- switching ----------------------------------------------------------------------------------------------------
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Activate one adapter (or several, whose updates add up); only active adapters train."""
+    def set_adapter(self, adapter_name: str | Sequence[str], *, weights: Optional[Sequence[float]] = None) -> None:
+        """Activate one adapter (or several, whose updates add up); only active adapters train. ``weights`` (one per
+        adapter, lorakit's addition with diffusers' meaning) multiplies each one's update, until set again;
+        without it scales stay as they are (see :mod:`lorakit.adapter_scales`)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         check_adapter_names(names, self.peft_config)
+        if weights is not None:
+            set_adapter_weights(self, names, weights)
         self.active_adapters = names
         self._mark_trainable()
 

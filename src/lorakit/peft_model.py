@@ -94,8 +94,8 @@ class PeftModel(nn.Module):
         config = prepare_config(self.get_base_model(), peft_config, self.task_modules_to_save)
         self.base_model.inject_adapter(config, adapter_name)
 
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        self.base_model.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: str | Sequence[str], *, weights: Optional[Sequence[float]] = None) -> None:
+        self.base_model.set_adapter(adapter_name, weights=weights)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)

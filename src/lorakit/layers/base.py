@@ -19,6 +19,7 @@ from ..ops import adapter_dtype, kaiming_uniform_, lora_delta, lora_factors, lor
 from .construction import init_module, new_module
 from .init import check_base_rewrite, restore_base
 from .rows import RowAdapters, StackCache
+from .scales import AdapterScales
 
 __all__ = ["LoraLayer", "factor_weight"]
 
@@ -30,12 +31,13 @@ def factor_weight(module: nn.Module) -> Tensor:
     return module.weight if weight is None else weight
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(AdapterScales, nn.Module):
     """A base layer plus any number of named low-rank adapters.
 
     Subclasses say how to build one adapter's factors (:meth:`_create_factors`), how to read them as tensors in
     PEFT's orientation (:meth:`factors`) and how to add one adapter's output (:meth:`_add_adapter_output`).
-    Everything else (adapter bookkeeping, merge, unmerge, delete) lives here, once.
+    Everything else (adapter bookkeeping, merge, unmerge, delete) lives here, once; the scale controls
+    (``set_scale``, ``scale_layer``, ``unscale_layer``) in :class:`~lorakit.layers.scales.AdapterScales`.
     """
 
     #: names of the ModuleDict/ParameterDict attributes holding per-adapter tensors (for save/load and deletion)
@@ -155,7 +157,7 @@ class LoraLayer(nn.Module):
         out = self._modules["base_layer"](x, *args, **kwargs)  # not self.base_layer: a Python-level lookup
         if self._rows is not None:
             rows = self._rows
-            return out if self.r.keys().isdisjoint(rows.names) else self._add_row_outputs(out, x, rows)
+            return self._add_row_outputs(out, x, rows) if any(n in self.r for n in rows.names) else out
         for name in self._live:
             out = self._add_adapter_output(out, x, name)
         return out
@@ -186,7 +188,7 @@ class LoraLayer(nn.Module):
         present = [n for n in names if n in self.r]
         tensors = self._factor_list(present)
         scalings = [self.scaling.get(n) for n in names]
-        grad = torch.is_grad_enabled()
+        grad = torch.is_grad_enabled() or torch.compiler.is_compiling()  # a compiled graph builds its own stacks
         if not grad and self._stack_cache is not None and self._stack_cache.matches(names, scalings, tensors):
             return self._stack_cache.stacks
         pairs = dict(zip(present, zip(tensors[0::2], tensors[1::2])))
