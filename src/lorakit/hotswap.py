@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .checkpoint import load_options, read_weights
 from .config import LoraConfig, read_config
 from .convert import peft_key_aliases, strip_peft_prefix, to_peft_key
-from .keys import check_adapter_names
+from .keys import check_adapter_names, is_adapter_key
 from .layers import Embedding, Linear, LoraLayer
 from .model import LoraModel
 from .ops import lora_scaling
@@ -230,7 +230,8 @@ def _plan(lora_model: LoraModel, adapter_name: str, config: LoraConfig, state_di
         if names:
             found[key] = peft[names[0]]
     used = {n for key in found for n in peft_key_aliases(key, adapter_name)}
-    unexpected = sorted(k for k in peft if k not in used)
+    base = _base_tensors(lora_model, {k: v for k, v in peft.items() if k not in used}, source)
+    unexpected = sorted(k for k in peft if k not in used and k not in base)
     if unexpected:
         raise ValueError(
             f"{source} holds tensors for modules adapter {adapter_name!r} does not have, e.g. {unexpected[:5]}: "
@@ -254,7 +255,25 @@ def _plan(lora_model: LoraModel, adapter_name: str, config: LoraConfig, state_di
             raise ValueError(f"{source}: {to_peft_key(key, adapter_name)!r} has shape {tuple(found[key].shape)}, "
                              f"the model expects {tuple(tensor.shape)}")
         other.append((tensor, found[key]))
-    return plans, other
+    return plans, other + list(base.values())
+
+
+def _base_tensors(lora_model: LoraModel, rest: dict[str, Tensor], source: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """The file's base-model tensors (PEFT saves embedding weights with an adapter that targets them) that name a
+    tensor of the model: ``{file key: (model tensor, file tensor)}``; a fresh load copies them in, so a swap does."""
+    model_state = lora_model.model.state_dict(keep_vars=True)
+    out = {}
+    for key, tensor in rest.items():
+        if is_adapter_key(key):
+            continue
+        parent, _, leaf = key.rpartition(".")
+        target = model_state.get(key, model_state.get(f"{parent}.base_layer.{leaf}" if parent else f"base_layer.{leaf}"))
+        if target is not None:
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, the model's is "
+                                 f"{tuple(target.shape)}")
+            out[key] = (target.detach(), tensor)
+    return out
 
 
 def _factor_keys(name: str, layer: LoraLayer, adapter_name: str) -> list[str]:

@@ -157,7 +157,8 @@ class _DroppedLora(torch.autograd.Function):
 
 def add_dropped_lora(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, p: float) -> Tensor:
     """:func:`add_lora` with dropout ``p`` on ``x``, memory-lean in training (see :class:`_DroppedLora`)."""
-    scaling = float(scaling)  # a tensor scaling (compiled hotswap) is read once here; the kernel takes a number
+    if isinstance(scaling, Tensor):  # compiled hotswap: scale the rank-sized B (autograd carries it), no .item()
+        B, scaling = B * scaling, 1.0
     if out.dtype != x.dtype:  # adapters in float32 on a half-precision base: keep the maths in the adapter dtype
         return out + _DroppedLora.apply(torch.zeros_like(out, dtype=x.dtype), x, A, B, scaling, p).to(out.dtype)
     return _DroppedLora.apply(out, x, A, B, scaling, p)
