@@ -197,9 +197,14 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, Tens
     if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
         raise ValueError(f"{source} is a {config.init_lora_weights!r} adapter (it rewrites the base weights); it "
                          "cannot be hotswapped")
+    rewritten = [n for n, layer in lora_model.lora_layers()
+                 if layer.base_rewrite is not None and layer.base_rewrite.adapter_name == adapter_name]
+    if rewritten:
+        raise ValueError(f"adapter {adapter_name!r} rewrote base weights (PiSSA/OLoRA) in {rewritten[:3]}; it cannot "
+                         "be hotswapped (convert it to plain LoRA first)")
     plans, other = _plan(lora_model, adapter_name, config, state_dict, source)
     with torch.no_grad():
-        for layer, new_A, new_B, scaling in plans:
+        for layer, new_A, new_B, scaling, alpha in plans:
             A, B = layer.factors(adapter_name)
             A.zero_()
             B.zero_()
@@ -209,7 +214,7 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, Tens
                 B[:, :r].copy_(new_B)
                 alloc = layer.r[adapter_name]
                 layer.use_rslora[adapter_name] = config.use_rslora
-                layer.lora_alpha[adapter_name] = alpha_for(scaling, alloc, config.use_rslora)
+                layer.lora_alpha[adapter_name] = alpha if r == alloc else alpha_for(scaling, alloc, config.use_rslora)
                 layer.set_scaling(adapter_name, scaling)
         for target, tensor in other:
             target.copy_(tensor)
@@ -286,7 +291,7 @@ def _factor_keys(name: str, layer: LoraLayer, adapter_name: str) -> list[str]:
 def _layer_plan(name: str, layer: LoraLayer, adapter_name: str, config: LoraConfig, new, source: str):
     new_A, new_B = new
     if new_A is None and new_B is None:
-        return layer, None, None, None  # not targeted by the new adapter: its update becomes zero
+        return layer, None, None, None, None  # not targeted by the new adapter: its update becomes zero
     if new_A is None or new_B is None:
         raise ValueError(f"{source} holds only one of lora_A/lora_B for module {name!r}")
     A, B = layer.factors(adapter_name)
@@ -310,4 +315,4 @@ def _layer_plan(name: str, layer: LoraLayer, adapter_name: str, config: LoraConf
     if declared != r:
         raise ValueError(f"{source}: module {name!r} has rank {r} but its config says {declared}")
     alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
-    return layer, new_A, new_B, lora_scaling(alpha, r, config.use_rslora)
+    return layer, new_A, new_B, lora_scaling(alpha, r, config.use_rslora), alpha

@@ -202,3 +202,21 @@ def test_weighting_a_merged_adapter_or_modules_to_save_is_refused():
     with pytest.raises(ValueError, match="modules_to_save"):
         saved.set_adapter("default", weights=[0.5])
     saved.set_adapter("default", weights=[1.0])
+
+
+def test_tensor_scalings_reach_mixed_batches_after_every_change():
+    """Prepared for compiled hotswap, scalings are tensors written in place: the cached stacks of a mixed batch
+    must see each new value (the cache compares their version counters)."""
+    from lorakit.hotswap import prepare_model_for_compiled_hotswap
+
+    model = two_adapter_model()
+    prepare_model_for_compiled_hotswap(model, target_rank=4)
+    layer = dict(linear_layers(model))["base_model.model.model.layers.0.self_attn.q_proj"]
+    x = x_for(layer)
+    for weight in (1.0, 0.5, -2.0):
+        layer.set_scale("b", weight)  # written in place, nothing else changes
+        with torch.no_grad(), model.base_model.mixed_batch(["b", "default", "b"]):
+            got = layer(x)
+        for row, name in enumerate(["b", "default", "b"]):
+            w = weight if name == "b" else 1.0
+            torch.testing.assert_close(got[row], reference(layer, x[row], [(name, w)]), rtol=1e-12, atol=1e-12)

@@ -137,3 +137,13 @@ def test_prepare_refusals(saved):
         prepare_model_for_compiled_hotswap(base)
     with pytest.raises(ValueError, match="unknown adapter 'missing'"):
         hotswap_adapter(model, adapters["r4"][0], "missing")
+
+
+def test_an_adapter_that_rewrote_the_base_is_not_swapped(saved):
+    base, ids, adapters = saved
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=QV,
+                                                           init_lora_weights="pissa"))
+    before, state = logits(model, ids), snapshot(model)
+    with pytest.raises(ValueError, match="rewrote base weights"):
+        hotswap_adapter(model, adapters["r4"][0], "default")
+    assert_unchanged(model, ids, before, state)
