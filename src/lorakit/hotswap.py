@@ -266,11 +266,12 @@ def _plan(lora_model: LoraModel, adapter_name: str, config: LoraConfig, state_di
 def _base_tensors(lora_model: LoraModel, rest: dict[str, Tensor], source: str) -> dict[str, tuple[Tensor, Tensor]]:
     """The file's base-model tensors (PEFT saves embedding weights with an adapter that targets them) that name a
     tensor of the model: ``{file key: (model tensor, file tensor)}``; a fresh load copies them in, so a swap does."""
+    rest = {k: v for k, v in rest.items() if not is_adapter_key(k)}
+    if not rest:
+        return {}
     model_state = lora_model.model.state_dict(keep_vars=True)
     out = {}
     for key, tensor in rest.items():
-        if is_adapter_key(key):
-            continue
         parent, _, leaf = key.rpartition(".")
         target = model_state.get(key, model_state.get(f"{parent}.base_layer.{leaf}" if parent else f"base_layer.{leaf}"))
         if target is not None:
