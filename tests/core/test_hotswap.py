@@ -147,3 +147,23 @@ def test_an_adapter_that_rewrote_the_base_is_not_swapped(saved):
     with pytest.raises(ValueError, match="rewrote base weights"):
         hotswap_adapter(model, adapters["r4"][0], "default")
     assert_unchanged(model, ids, before, state)
+
+
+def test_a_prepared_model_trains_like_the_unprepared_one():
+    """Tensor scalings take other kernels (dropout path included): same loss and gradients, same dropout draws."""
+    base = tiny_llama()
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=QV + ["embed_tokens"], init_lora_weights=False)
+    plain = get_peft_model(copy.deepcopy(base), config).train()
+    prepared = copy.deepcopy(plain)
+    prepare_model_for_compiled_hotswap(prepared)  # no padding: the parameters stay comparable one to one
+    ids = token_ids()
+    results = []
+    for model in (plain, prepared):
+        torch.manual_seed(5)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    assert results[0][1].keys() == results[1][1].keys()
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
