@@ -64,6 +64,10 @@ def saved_for_backward(step) -> int:
     return sum(seen.values())
 
 
+status_kib = _status_kib  # public names for other benchmark workers (benchmarks.moe)
+reset_peak = _reset_peak
+
+
 def worker(lib_name: str, tiny: bool, threads: int) -> dict:
     import torch
 

@@ -13,7 +13,10 @@ projections ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` learns it. Measured befor
 
 Then merged == unmerged, save in PEFT's format, reload, and export for diffusers (``pytorch_lora_weights.safetensors``,
 for ``pipeline.load_lora_weights(folder)`` or ``unet.load_lora_adapter(folder, prefix="unet",
-weight_name="pytorch_lora_weights.safetensors")``), loaded back by diffusers itself with the same outputs.
+weight_name="pytorch_lora_weights.safetensors")``), loaded back by diffusers itself with the same outputs; and in
+kohya's format (``kohya/dreambooth_lora.safetensors``, ``lora_unet_…`` keys with ``.alpha``: what A1111 and ComfyUI
+load), read back by lorakit. ``lorakit convert OUTPUT_DIR lora.safetensors --to kohya`` does the same from the saved
+PEFT folder.
 
     OMP_NUM_THREADS=1 python examples/diffusion_dreambooth.py   # 260 s on the busy 2-core machine (examples/README.md)
 """
@@ -21,14 +24,16 @@ weight_name="pytorch_lora_weights.safetensors")``), loaded back by diffusers its
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit import LoraConfig, get_peft_model
+from lorakit import LoraConfig, PeftModel, get_peft_model
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+KOHYA_NAME = "dreambooth_lora.safetensors"
 COND_DIM = 32
 SUBJECT = 9
 
@@ -63,6 +68,13 @@ def digit_images() -> tuple[Tensor, Tensor]:
 
     data = load_digits()
     return torch.tensor(data.images, dtype=torch.float32)[:, None] / 8.0 - 1.0, torch.tensor(data.target)
+
+
+def save_kohya_file(model: nn.Module, folder: Path) -> Path:
+    """The adapter in kohya's format (A1111, ComfyUI, sd-scripts, ``pipeline.load_lora_weights``)."""
+    from lorakit.kohya_file import save_kohya
+
+    return save_kohya(folder / KOHYA_NAME, model)
 
 
 def lora_config(r: int = 8) -> LoraConfig:
@@ -210,6 +222,11 @@ def main() -> None:
         diff = (forward(theirs) - forward(model)).abs().max().item()
     print(f"exported for diffusers: {path} ({path.stat().st_size / 1024:.1f} KiB); diffusers' UNet with it "
           f"differs by {diff:.2e}")
+    kohya = save_kohya_file(model, args.output_dir / "kohya")
+    with torch.no_grad():
+        diff = (forward(PeftModel.from_pretrained(fresh_base(), kohya)) - forward(model)).abs().max().item()
+    print(f"kohya format (A1111 / ComfyUI): {kohya} ({kohya.stat().st_size / 1024:.1f} KiB); read back by lorakit: "
+          f"max |Δ| {diff:.1e}")
     print(f"RESULT diffusion_dreambooth: subject loss {before[0]:.4f} -> {after[0]:.4f}, prior loss {before[1]:.4f} -> "
           f"{after[1]:.4f}, samples read as {SUBJECT} {before[2]:.0%} -> {after[2]:.0%}; {clock.report()}")
 

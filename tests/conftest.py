@@ -87,6 +87,31 @@ def lorakit_and_peft(base, lk_config_kwargs, task_type=None):
     return ours, theirs
 
 
+class PeftTestMLP(nn.Module):
+    """The model of PEFT's own custom-model tests: lin0, ReLU, Dropout, lin1, LogSoftmax; input under ``X``."""
+
+    def __init__(self, bias=True):
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20, bias=bias)
+        self.relu = nn.ReLU()
+        self.drop = nn.Dropout(0.5)
+        self.lin1 = nn.Linear(20, 2, bias=bias)
+        self.sm = nn.LogSoftmax(dim=-1)
+
+    def forward(self, X):  # PEFT's casts X to float32; here to the weights' dtype, so half-precision copies run
+        return self.sm(self.lin1(self.drop(self.relu(self.lin0(X.to(self.lin0.weight.dtype))))))
+
+
+def peft_test_mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return PeftTestMLP().to(dtype).eval()
+
+
+def mlp_input():
+    """PEFT's test input for the MLP: 9 rows."""
+    return torch.arange(90).view(9, 10).float()
+
+
 @pytest.fixture
 def custom_net():
     torch.manual_seed(0)

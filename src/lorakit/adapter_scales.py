@@ -39,6 +39,11 @@ def set_adapter_weights(lora_model, names: Sequence[str], weights: Sequence[floa
                     "scales a low-rank update; use weight 1.0 for them"
                 )
     layers = [m for m in modules if isinstance(m, LoraLayer)]
+    fixed = sorted({n for m in layers if not m.scalable for n, w in target.items() if w != 1 and n in m.r})
+    if fixed:
+        raise ValueError(f"adapter(s) {fixed} hold trainable tokens (rows of values), which cannot be weighted; use "
+                         "weight 1.0 for them")
+    layers = [m for m in layers if m.scalable]
     plans = [(layer, {n: w * layer.base_scaling(n) for n, w in target.items() if n in layer.scaling})
              for layer in layers]
     for layer, values in plans:
@@ -54,6 +59,8 @@ def adapter_weights(layers: Sequence[LoraLayer]) -> dict[str, Union[float, str]]
     one number where the layers agree, ``"irregular"`` where they differ (a ``set_scale`` on some layers only)."""
     seen: dict[str, list[float]] = {}
     for layer in layers:
+        if not layer.scalable:
+            continue
         for name in layer.scaling:
             seen.setdefault(name, []).append(layer.scale_multiplier(name))
     out: dict[str, Union[float, str]] = {}

@@ -17,25 +17,25 @@ Key names are translated by :mod:`lorakit.convert`.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .convert import from_peft, strip_peft_prefix, to_peft, to_peft_key
 from .distributed import gather_full, is_sharded, rank
-from .config import CONFIG_NAME, LoraConfig, config_json, read_config
-from .io import HUB_KWARGS, atomic_write_many, resolve_file
+from .config import CONFIG_NAME, LoraConfig, config_json
+from .io import HUB_KWARGS, atomic_write_many, resolve_file, written_by_lorakit
 from .keys import PEFT_PREFIX, is_adapter_key
 from .pissa import converted_config, converted_state
 from .layers import Linear as LoraLinear
 from .layers import LoraLayer
+from .layers.multihead import peft_out_proj_as_trained
 from .version import __version__
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -44,9 +44,11 @@ PICKLE_NAME = "adapter_model.bin"
 #: PEFT's names for embedding layers: targeting one makes ``save_embedding_layers="auto"`` save the base weights
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
-# Keyword arguments of from_pretrained / load_adapter besides the Hub's: ours, and PEFT's that change nothing here
-# (adapter tensors always follow their base layer's device; adapters on half-precision bases are float32).
-_LOAD_OPTIONS = {"allow_pickle": False, "low_cpu_mem_usage": None, "torch_device": None, "autocast_adapter_dtype": True}
+# Keyword arguments of from_pretrained / load_adapter besides the Hub's: ours, and PEFT's. torch_device and
+# device_map change nothing here: every adapter tensor is made on its base layer's device, which is where PEFT's
+# device_map puts it for a model that is not offloaded.
+_LOAD_OPTIONS = {"allow_pickle": False, "low_cpu_mem_usage": None, "torch_device": None, "autocast_adapter_dtype": True,
+                 "device_map": None}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -63,9 +65,10 @@ def save_adapters(
     state_dict: Optional[Mapping[str, Tensor]] = None,
     path_initial_model_for_weight_conversion: Optional[str | os.PathLike] = None,
     **kwargs: Any,
-) -> None:
+) -> list[tuple[str, str, LoraConfig]]:
     """Write each selected adapter (default: all) in PEFT's format: ``default`` into ``save_directory``, any
-    other adapter into ``save_directory/<name>/``.
+    other adapter into ``save_directory/<name>/``. Returns ``(name, folder relative to save_directory, config)``
+    of each adapter this process wrote (none on a process that does not write).
 
     ``save_embedding_layers`` (PEFT's option): ``"auto"`` also stores the base weights of a targeted embedding
     layer (``embed_tokens``/``lm_head``) or of embeddings whose vocabulary was resized since the base model's
@@ -102,7 +105,7 @@ def save_adapters(
         raise ValueError("path_initial_model_for_weight_conversion needs the adapter's own tensors: it cannot be "
                          "combined with state_dict= or an FSDP-sharded model")
     if not is_main_process and not sharded:
-        return
+        return []
 
     # Everything is gathered before the first byte is written. Keys: as in peft_model.state_dict().
     found = []
@@ -117,24 +120,25 @@ def save_adapters(
     if sharded:  # every rank is here; the whole tensors land on rank 0
         state_dict = gather_full(peft_model, [k for *_, tensors in found for k in tensors])
         if rank() != 0 or not is_main_process:
-            return
+            return []
     jobs = []
     for name, config, tensors in found:
         if state_dict is not None:
             tensors = _taken_from(state_dict, tensors)
         peft_keyed = to_peft(strip_peft_prefix(tensors), name)
         out = folder if name == "default" else folder / name
-        jobs.append((out, _for_disk(peft_keyed), _config_json(lora_model, config, name)))
+        jobs.append((out, _for_disk(peft_keyed), _config_json(lora_model, config, name), _layout_note(lora_model, name)))
 
-    for out, tensors, config_text in jobs:
+    for out, tensors, config_text, note in jobs:
         out.mkdir(parents=True, exist_ok=True)
         weights, stale = (SAFETENSORS_NAME, PICKLE_NAME) if safe_serialization else (PICKLE_NAME, SAFETENSORS_NAME)
         atomic_write_many({
-            out / weights: _safetensors_writer(tensors) if safe_serialization else _pickle_writer(tensors),
+            out / weights: _safetensors_writer(tensors, note) if safe_serialization else _pickle_writer(tensors),
             out / CONFIG_NAME: lambda tmp, text=config_text: Path(tmp).write_text(text, encoding="utf-8"),
         })
         # A weights file of the other format would be an older adapter, and loaders prefer safetensors.
         (out / stale).unlink(missing_ok=True)
+    return [(name, "." if name == "default" else name, config) for name, config, _ in found]
 
 
 def adapter_file_tensors(lora_model, adapter_name: str, save_embedding_layers: bool | str = "auto",
@@ -188,8 +192,9 @@ def _selected_adapters(lora_model, selected: Optional[Sequence[str]]) -> list[st
 
 
 def _config_json(lora_model, config: LoraConfig, adapter_name: str) -> str:
-    """The config as saved: every field, in inference mode, with the GPT-2 flag PEFT would set and our version."""
-    extra = {"peft_type": "LORA", "inference_mode": True, "lorakit_version": __version__}
+    """The config as saved: every field, in inference mode, with the GPT-2 flag PEFT would set. (lorakit's version
+    goes into the weights file's metadata: PEFT warns about any config field it does not know.)"""
+    extra = {"peft_type": "LORA", "inference_mode": True}
     if config.task_type is None:  # PEFT's AutoPeftModel finds the base model's class here
         base = type(lora_model.model)
         extra["auto_mapping"] = {"base_model_class": base.__name__, "parent_library": base.__module__}
@@ -213,12 +218,25 @@ def _for_disk(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _safetensors_writer(tensors: dict[str, Tensor]):
+#: how the factors of a 3-D (MoE experts) parameter are laid out; PEFT changed this between releases, so files
+#: that hold such factors say which layout they use (in the safetensors header, which PEFT ignores)
+EXPERT_FACTOR_LAYOUT = ("lora_A (r*E, in): expert e in rows e*r..e*r+r-1; lora_B (out, r*E): expert e in columns "
+                        "e, e+E, e+2E, ... (rank-major); weights (E, out, in), or (E, in, out) for is_transposed "
+                        "modules; as PEFT 0.21.2")
+
+
+def _layout_note(lora_model, adapter_name: str) -> dict[str, str]:
+    """Extra safetensors metadata for one adapter: the expert factor layout where the adapter has 3-D factors."""
+    experts = any(getattr(layer, "num_experts", 1) > 1 and adapter_name in layer.r for _, layer in lora_model.lora_layers())
+    return {"lorakit_expert_factor_layout": EXPERT_FACTOR_LAYOUT} if experts else {}
+
+
+def _safetensors_writer(tensors: dict[str, Tensor], note: Optional[dict[str, str]] = None):
     """Serialise in memory, write with Python: a short write is an ``OSError`` (ENOSPC, EFBIG) like any other, and
     the only temporary file is ours (adapters are small; the bytes are the file's size)."""
     from safetensors.torch import save
 
-    data = save(tensors, metadata={"format": "pt"})
+    data = save(tensors, metadata={"format": "pt", "lorakit_version": __version__, **(note or {})})
     return lambda tmp: Path(tmp).write_bytes(data)
 
 
@@ -308,21 +326,23 @@ def _vocab_resized(model: nn.Module, config: LoraConfig) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
-def load_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def load_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
+    """``(Hub keyword arguments, allow_pickle, autocast_adapter_dtype)`` of a from_pretrained/load_adapter call."""
     unknown = sorted(set(kwargs) - set(HUB_KWARGS) - set(_LOAD_OPTIONS))
     if unknown:
         raise TypeError(
             f"unexpected keyword arguments {unknown}; accepted: {sorted(_LOAD_OPTIONS)} and the Hub's "
             f"{list(HUB_KWARGS)}"
         )
-    if kwargs.get("autocast_adapter_dtype", True) is not True:
-        raise ValueError(
-            "autocast_adapter_dtype=False is not supported: lorakit keeps adapters of fp16/bf16 bases in float32"
-        )
-    allow_pickle = kwargs.get("allow_pickle", False)
-    if not isinstance(allow_pickle, bool):
-        raise TypeError(f"allow_pickle must be a bool, got {allow_pickle!r}")
-    return {k: v for k, v in kwargs.items() if k in HUB_KWARGS}, allow_pickle
+    flags = {k: kwargs.get(k, _LOAD_OPTIONS[k]) for k in ("allow_pickle", "autocast_adapter_dtype")}
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+    device_map = kwargs.get("device_map")
+    if device_map is not None and not isinstance(device_map, (str, int, dict, torch.device)):
+        raise TypeError(f"device_map must be a str, int, torch.device or dict, got {type(device_map).__name__}")
+    hub = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
+    return hub, flags["allow_pickle"], flags["autocast_adapter_dtype"]
 
 
 def read_weights(
@@ -382,6 +402,14 @@ def _check_tensors(tensors: Any, source: str) -> dict[str, Tensor]:
     return tensors
 
 
+class LoadResult(NamedTuple):
+    """What ``load_adapter`` returns, as PEFT's (torch's ``load_state_dict`` result): lorakit refuses a file with a
+    missing or unexpected adapter key instead of loading part of it, so both lists are empty when it returns."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
 class FileAdapter:
     """Fits one adapter file onto a model: maps its keys onto the adapter's tensors once the adapter's layers
     exist (``__call__``, the callable ``inject_adapter`` takes), checks the rest (base-model tensors PEFT saves,
@@ -395,6 +423,8 @@ class FileAdapter:
         state, rest = from_peft(self.tensors, own, self.adapter_name, self.source)
         for key, tensor in state.items():
             self._check_shape(to_peft_key(key, self.adapter_name), tensor, own[key])
+        if not written_by_lorakit(self.source):  # a PEFT file: trained with PEFT's doubled out_proj update
+            state = peft_out_proj_as_trained(self.lora_model, self.adapter_name, own, state, self.source)
         self.base = self._base_tensors(rest)
         return state
 

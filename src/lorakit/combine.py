@@ -237,7 +237,7 @@ def add_weighted_adapter(
 
     config = _new_config(lora_model, adapters, {n: A.shape[0] for n, (A, _) in new_factors.items()},
                          [n for n, _, _ in inherited])
-    lora_model.inject_adapter(config, adapter_name)
+    lora_model.inject_adapter(config, adapter_name, shares_biases_with=adapters)
     try:
         _fill(lora_model, adapter_name, new_factors, inherited)
     except Exception:
@@ -258,6 +258,15 @@ def _check_adapters_and_weights(lora_model, adapters, weights) -> tuple[list[str
         raise ValueError(f"got {len(adapters)} adapters {adapters} but {len(weights)} weights {weights}: "
                          "expected one weight per adapter")
     check_adapter_names(adapters, lora_model.peft_config)
+    kinds = sorted({type(layer).__name__ for _, layer in lora_model.lora_layers()
+                    if not layer.combinable and any(a in layer.r for a in adapters)})
+    if kinds:
+        raise NotImplementedError(f"add_weighted_adapter cannot combine adapters on {kinds} layers (target_parameters, "
+                                  "nn.MultiheadAttention, trainable_token_indices); combine adapters of plain layers")
+    biased = [a for a in adapters if getattr(lora_model.peft_config[a], "lora_bias", False)]
+    if biased:
+        raise NotImplementedError(f"add_weighted_adapter cannot combine adapters with lora_bias=True {biased}: their "
+                                  "lora_B biases are not part of the low-rank combination")
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
             raise ValueError(f"weights must be finite real numbers, got {weights}")

@@ -90,6 +90,18 @@ def _check_pattern_dict(field_name: str, value: Any, check) -> dict:
     return dict(value)
 
 
+def _check_token_indices(value: Any) -> Any:
+    """``trainable_token_indices``: a list of token ids (the input embedding) or ``{module name: [ids]}``."""
+    if value is None:
+        return None
+    lists = value.values() if isinstance(value, dict) else [value]
+    if not all(isinstance(v, (list, tuple)) and v and all(_is_int(i) and i >= 0 for i in v) for v in lists) or (
+            isinstance(value, dict) and not all(isinstance(k, str) for k in value)):
+        raise _bad("trainable_token_indices", value, "a non-empty list of token ids, or {module name: [token ids]}",
+                   TypeError)
+    return {k: [int(i) for i in v] for k, v in value.items()} if isinstance(value, dict) else [int(i) for i in value]
+
+
 def _check_rank(field_name: str, value: Any) -> None:
     if not _is_int(value):
         raise _bad(field_name, value, "a positive int", TypeError)
@@ -181,9 +193,12 @@ class LoraConfig(PeftConfig):
         if self.bias not in _BIAS_CHOICES:
             raise _bad("bias", self.bias, f"one of {_BIAS_CHOICES}")
         check_init_lora_weights(self.init_lora_weights)
-        for name in ("fan_in_fan_out", "use_rslora", "inference_mode"):
+        for name in ("fan_in_fan_out", "use_rslora", "inference_mode", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "a bool", TypeError)
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise _bad("lora_bias", self.lora_bias, f"False with init_lora_weights={self.init_lora_weights!r} "
+                       "(PEFT allows lora_bias=True only with init_lora_weights True or False)")
         if self.peft_type != "LORA":
             raise _bad("peft_type", self.peft_type, "'LORA' (lorakit implements LoRA only)")
         if self.task_type is not None:
@@ -200,6 +215,8 @@ class LoraConfig(PeftConfig):
         self.target_modules = _check_names("target_modules", self.target_modules, allow_str=True)
         self.exclude_modules = _check_names("exclude_modules", self.exclude_modules, allow_str=True)
         self.modules_to_save = _check_names("modules_to_save", self.modules_to_save, allow_str=False)
+        self.target_parameters = _check_names("target_parameters", self.target_parameters, allow_str=False)
+        self.trainable_token_indices = _check_token_indices(self.trainable_token_indices)
         self.rank_pattern = _check_pattern_dict("rank_pattern", self.rank_pattern, _check_rank)
         self.alpha_pattern = _check_pattern_dict("alpha_pattern", self.alpha_pattern, _check_alpha)
 
@@ -262,7 +279,7 @@ class LoraConfig(PeftConfig):
 
 def config_json(config: LoraConfig, **extra: Any) -> str:
     """The text of ``adapter_config.json``: every field of ``config``, then ``extra`` (file-level facts such as
-    ``lorakit_version``). The one writer of the file's content."""
+    ``peft_type``). The one writer of the file's content."""
     data = config.to_dict()
     data.update(extra)
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
@@ -282,7 +299,16 @@ def read_config(model_id, subfolder: Optional[str] = None, revision: Optional[st
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     try:
-        check_file_fields(data)
+        check_file_fields(data, written_by_lorakit=_written_by_lorakit(path, data))
         return LoraConfig.from_dict(data)
     except (ValueError, TypeError) as e:
         raise type(e)(f"{path}: {e}") from None
+
+
+def _written_by_lorakit(config_path: str | os.PathLike, data: dict[str, Any]) -> bool:
+    """Whether lorakit wrote this adapter: its version is in the weights file's metadata beside the config (older
+    lorakit files had it in the config itself)."""
+    from .io import written_by_lorakit
+
+    weights = os.path.join(os.path.dirname(os.fspath(config_path)), "adapter_model.safetensors")
+    return "lorakit_version" in data or written_by_lorakit(weights)

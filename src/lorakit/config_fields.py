@@ -54,9 +54,6 @@ METADATA_FIELDS = ("peft_version", "lorakit_version", "auto_mapping", "runtime_c
 # refused. ``None``/``False``/``{}``/``[]`` in a tuple are compared by equality.
 UNSUPPORTED_FIELDS: dict[str, tuple[tuple, str]] = {
     "use_dora": ((False, None), "DoRA (weight-decomposed LoRA) is not implemented yet"),
-    "lora_bias": ((False, None), "a trainable bias on lora_B is not implemented yet"),
-    "target_parameters": ((None, []), "LoRA on bare nn.Parameters (e.g. MoE experts) is not implemented yet"),
-    "trainable_token_indices": ((None, {}, []), "training selected embedding rows is not implemented yet"),
     "alora_invocation_tokens": ((None,), "Activated LoRA changes which tokens the adapter acts on"),
     "layer_replication": ((None, []), "layer replication changes the base model's layer stack"),
     "megatron_config": ((None,), "Megatron parallel linear layers are not supported"),
@@ -129,12 +126,12 @@ def check_unknown_fields(unknown: dict[str, Any]) -> None:
         )
 
 
-def check_file_fields(data: dict[str, Any]) -> None:
+def check_file_fields(data: dict[str, Any], written_by_lorakit: bool = False) -> None:
     """What only a file can tell: an adapter trained with ``init_lora_weights="pissa_niter_<k>"`` by PEFT (no
-    ``lorakit_version``) trained on a residual drawn from PEFT's unseeded global RNG, which no load can rebuild (PEFT
+    ``lorakit_version`` in its weights' metadata) trained on a residual drawn from PEFT's unseeded global RNG, which no load can rebuild (PEFT
     itself loads it on another residual); it is refused. lorakit's own draws are seeded, so its files load exactly."""
     init = data.get("init_lora_weights")
-    if isinstance(init, str) and _PISSA_NITER.fullmatch(init) and "lorakit_version" not in data:
+    if isinstance(init, str) and _PISSA_NITER.fullmatch(init) and not written_by_lorakit:
         raise UnsupportedFieldError(
             f"init_lora_weights={init!r} in a file not written by lorakit: PEFT drew that randomized SVD from its "
             "unseeded global RNG, so the residual base weights the adapter was trained on cannot be rebuilt (PEFT's "

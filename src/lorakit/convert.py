@@ -5,7 +5,8 @@ model with the adapter name in it (``model.layers.0.self_attn.q_proj.lora_A.defa
 of functions, one from that naming to the format's, one back; the way back gets the keys the model expects (the
 adapter's layers exist by then), so it never has to guess which module a key belongs to. Everything in a file
 that is not one of those keys is handed back as "rest" for the caller to place (PEFT files may carry base-model
-tensors such as embedding weights). Further formats (kohya, diffusers) go beside PEFT's here.
+tensors such as embedding weights). kohya's format (A1111, ComfyUI) is in :mod:`lorakit.convert_kohya`; its public
+functions are importable from here too.
 
 PEFT's format (``adapter_model.safetensors``), which lorakit writes too:
 
@@ -29,9 +30,11 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from .convert_kohya import KohyaAdapter, from_kohya, is_kohya_state, peft_to_kohya, to_kohya
 from .keys import PEFT_PREFIX, PER_ADAPTER
 
-__all__ = ["PEFT_PREFIX", "to_peft_key", "peft_key_aliases", "to_peft", "from_peft", "strip_peft_prefix"]
+__all__ = ["PEFT_PREFIX", "to_peft_key", "peft_key_aliases", "to_peft", "from_peft", "strip_peft_prefix",
+           "KohyaAdapter", "from_kohya", "to_kohya", "peft_to_kohya", "is_kohya_state"]
 
 
 def _drop_adapter_name(key: str, adapter_name: str, keep_container: bool) -> str:

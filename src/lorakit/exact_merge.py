@@ -12,20 +12,40 @@ What is recorded per such element is ``k``: the original bit pattern minus the s
 offset inside its block of 65536 elements (plus one count per block): 3 bytes per element, against 6 (bf16) or
 8 (fp32) for a plain index and value. Where ``k`` does not fit a byte (``|W| ≪ |Δ|``, rare) the position and
 the original bits are kept instead ("escapes"). How many elements need a record grows with ``|Δ|/|W|``.
+
+With numba installed (``lorakit[fast]``), float32/bfloat16/float16 weights on the CPU are merged and unmerged by
+one compiled pass each (:mod:`lorakit.merge_kernel`); otherwise, and for every other case, by eager PyTorch
+passes. Both give the same merged bits and the same record; :func:`compiled` switches the compiled path off.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["MergeRecord", "Scratch", "merge_exact", "unmerge_exact"]
+from .merge_kernel import merge as compiled_merge, supports as compiled_supports, unmerge as compiled_unmerge
+
+__all__ = ["MergeRecord", "Scratch", "compiled", "merge_exact", "unmerge_exact"]
 
 _BLOCK = 1 << 16  # positions are 16-bit offsets inside blocks of this many elements
 _INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-size integer view of each float
+_USE_COMPILED = [True]
+
+
+@contextmanager
+def compiled(enabled: bool) -> Iterator[None]:
+    """Inside the block, merge and unmerge use the compiled pass where it applies (``True``, the default outside)
+    or only the eager PyTorch passes (``False``); both give the same bits."""
+    before = _USE_COMPILED[0]
+    _USE_COMPILED[0] = enabled
+    try:
+        yield
+    finally:
+        _USE_COMPILED[0] = before
 
 
 @dataclass(frozen=True)
@@ -77,30 +97,47 @@ def merge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float = 1.0,
     """
     matrix = _as_matrix(weight, left, right)
     scratch = scratch or Scratch()
+    kept = None
     with torch.no_grad():
-        delta = _delta(left, right, scale, scratch)
         if not record:
-            matrix.add_(delta)
-            if matrix.data_ptr() != weight.data_ptr():
-                weight.copy_(matrix.view(weight.shape))
-            return None
-        n, ints = matrix.numel(), _INT[weight.element_size()]
-        merged = torch.add(matrix, delta, out=scratch.get("merged", n, weight.dtype, weight.device).view(matrix.shape))
-        k = scratch.get("k", n, ints, weight.device)
-        back = k.view(weight.dtype).view(matrix.shape)
-        torch.sub(merged, delta, out=back)  # what a plain unmerge would give
-        original = matrix.view(ints).view(-1)
-        torch.sub(original, k, out=k)
-        index = k.nonzero().squeeze(1)
-        steps = k.index_select(0, index)
-        escape_index = index[:0]
-        if steps.numel() and (int(steps.min()) < -128 or int(steps.max()) > 127):
-            fits = (steps >= -128) & (steps <= 127)
-            escape_index, index, steps = index[~fits], index[fits], steps[fits]
-        record = _record(index, steps.to(torch.int8), n, escape_index, original.index_select(0, escape_index))
-        matrix.copy_(merged)
+            matrix.add_(_scaled(_product(left, right, scratch), scale))
+        else:
+            kept = _merge_compiled(matrix, left, right, scale, scratch) or _merge_eager(matrix, left, right, scale,
+                                                                                      scratch)
         if matrix.data_ptr() != weight.data_ptr():
             weight.copy_(matrix.view(weight.shape))
+    return kept
+
+
+def _merge_compiled(matrix: Tensor, left: Tensor, right: Tensor, scale: float,
+                    scratch: Scratch) -> Optional[MergeRecord]:
+    """:func:`merge_exact` in one compiled pass; ``None`` (nothing changed) where it does not apply."""
+    if not (_USE_COMPILED[0] and compiled_supports(matrix, left)):
+        return None
+    product = _product(left, right, scratch)
+    found = compiled_merge(matrix.view(-1), product.view(-1), scale,
+                           lambda slot, n, dtype: scratch.get(slot, n, dtype, matrix.device))
+    return None if found is None else MergeRecord(*found)
+
+
+def _merge_eager(matrix: Tensor, left: Tensor, right: Tensor, scale: float, scratch: Scratch) -> MergeRecord:
+    """:func:`merge_exact` in eager PyTorch passes."""
+    delta = _scaled(_product(left, right, scratch), scale)
+    n, ints = matrix.numel(), _INT[matrix.element_size()]
+    merged = torch.add(matrix, delta, out=scratch.get("merged", n, matrix.dtype, matrix.device).view(matrix.shape))
+    k = scratch.get("k", n, ints, matrix.device)
+    back = k.view(matrix.dtype).view(matrix.shape)
+    torch.sub(merged, delta, out=back)  # what a plain unmerge would give
+    original = matrix.view(ints).view(-1)
+    torch.sub(original, k, out=k)
+    index = k.nonzero().squeeze(1)
+    steps = k.index_select(0, index)
+    escape_index = index[:0]
+    if steps.numel() and (int(steps.min()) < -128 or int(steps.max()) > 127):
+        fits = (steps >= -128) & (steps <= 127)
+        escape_index, index, steps = index[~fits], index[fits], steps[fits]
+    record = _record(index, steps.to(torch.int8), n, escape_index, original.index_select(0, escape_index))
+    matrix.copy_(merged)
     return record
 
 
@@ -108,12 +145,18 @@ def unmerge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float, rec
                   scratch: Optional[Scratch] = None) -> None:
     """Undo :func:`merge_exact` in place (same factors and scale): subtract, then add back every ``k``."""
     matrix = _as_matrix(weight, left, right)
+    scratch = scratch or Scratch()
     with torch.no_grad():
-        matrix.sub_(_delta(left, right, scale, scratch or Scratch()))
-        bits = matrix.view(_INT[weight.element_size()]).view(-1)
-        if record.steps.numel():
-            bits.index_add_(0, record.flat_index(), record.steps.to(bits.dtype))
-        bits.index_copy_(0, record.escape_index, record.escape_bits)
+        product = _product(left, right, scratch)
+        done = (_USE_COMPILED[0] and compiled_supports(matrix, product) and compiled_unmerge(
+            matrix.view(-1), product.view(-1), scale, record.counts, record.offsets, record.steps,
+            record.escape_index, record.escape_bits))
+        if not done:
+            matrix.sub_(_scaled(product, scale))
+            bits = matrix.view(_INT[weight.element_size()]).view(-1)
+            if record.steps.numel():
+                bits.index_add_(0, record.flat_index(), record.steps.to(bits.dtype))
+            bits.index_copy_(0, record.escape_index, record.escape_bits)
         if matrix.data_ptr() != weight.data_ptr():
             weight.copy_(matrix.view(weight.shape))
 
@@ -131,12 +174,16 @@ def _as_matrix(weight: Tensor, left: Tensor, right: Tensor) -> Tensor:
     return weight.contiguous().view(left.shape[0], right.shape[1])
 
 
-def _delta(left: Tensor, right: Tensor, scale: float, scratch: Scratch) -> Tensor:
-    """``(left @ right) · scale`` into scratch; merge and unmerge both get their delta here. One product for the
-    whole weight: a matrix product of fewer rows may sum in another order (e.g. one row goes to a vector kernel)."""
+def _product(left: Tensor, right: Tensor, scratch: Scratch) -> Tensor:
+    """``left @ right`` into scratch; merge and unmerge both get their delta from here. One product for the whole
+    weight: a matrix product of fewer rows may sum in another order (e.g. one row goes to a vector kernel)."""
     rows, cols = left.shape[0], right.shape[1]
-    delta = torch.mm(left, right, out=scratch.get("delta", rows * cols, left.dtype, left.device).view(rows, cols))
-    return delta.mul_(scale) if scale != 1 else delta
+    return torch.mm(left, right, out=scratch.get("delta", rows * cols, left.dtype, left.device).view(rows, cols))
+
+
+def _scaled(product: Tensor, scale: float) -> Tensor:
+    """``product · scale`` in place (PyTorch's rounding: the scale as the product's dtype)."""
+    return product.mul_(scale) if scale != 1 else product
 
 
 def _record(index: Tensor, steps: Tensor, numel: int, escape_index: Tensor, escape_bits: Tensor) -> MergeRecord:

@@ -17,7 +17,8 @@ __all__ = ["rescale_adapter_scale"]
 @contextlib.contextmanager
 def rescale_adapter_scale(model: nn.Module, multiplier: Union[float, int]) -> Iterator[None]:
     """Inside the block every adapter of every LoRA layer in ``model`` has its scaling multiplied by
-    ``multiplier`` (rsLoRA adapters too: the scaling, whatever its formula, is what is multiplied); on exit the
+    ``multiplier`` (rsLoRA adapters too: the scaling, whatever its formula, is what is multiplied; trainable tokens,
+    which are values rather than a scaled update, stay as they are, as in PEFT); on exit the
     previous scalings come back bit for bit, even when the block raises.
 
     ``TypeError`` for a multiplier that is not a number (PEFT's check), ``ValueError`` for a model without LoRA
@@ -29,7 +30,8 @@ def rescale_adapter_scale(model: nn.Module, multiplier: Union[float, int]) -> It
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers: rescale_adapter_scale needs a model with adapters")
-    saved = [(layer, {a: float(s) for a, s in layer.scaling.items()}) for layer in layers]
+    # layers holding values rather than a scaled update (trainable tokens) are left as they are, as in PEFT
+    saved = [(layer, {a: float(s) for a, s in layer.scaling.items()}) for layer in layers if layer.scalable]
     plans = [(layer, {a: s * multiplier for a, s in values.items()}) for layer, values in saved]
     for layer, values in plans:
         merged = layer.merged_changes(values)

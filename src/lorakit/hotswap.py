@@ -32,7 +32,7 @@ from .checkpoint import load_options, read_weights
 from .config import LoraConfig, read_config
 from .convert import peft_key_aliases, strip_peft_prefix, to_peft_key
 from .keys import check_adapter_names, is_adapter_key
-from .layers import Embedding, Linear, LoraLayer
+from .layers import Conv, Embedding, Linear, LoraLayer
 from .model import LoraModel
 from .ops import lora_scaling
 from .peft_model import PeftModel
@@ -87,7 +87,7 @@ def prepare_model_for_compiled_hotswap(
         if check_compiled == "warn":
             warnings.warn(f"{message}; the compiled model will recompile", stacklevel=2)
     lora_model = _lora_model(model)
-    layers = [(name, layer) for name, layer in lora_model.lora_layers() if layer.r]
+    layers = [(name, layer) for name, layer in lora_model.lora_layers() if layer.r and layer.scalable]
     if not layers:
         raise ValueError("the model holds no LoRA adapter: load the first adapter, then prepare, then compile")
     if target_rank is not None:
@@ -118,8 +118,8 @@ def _check_target_rank(lora_model: LoraModel, layers, target_rank) -> None:
             and any(r < target_rank for r in layer.r.values())]
     if conv:
         raise NotImplementedError(
-            f"padding the rank of conv layers ({conv[:5]}) is not implemented (Linear and Embedding are); pass no "
-            "target_rank (scalings still become tensors) or keep conv modules out of the adapters"
+            f"padding the rank of {type(dict(layers)[conv[0]]).__name__} layers ({conv[:5]}) is not implemented (Linear "
+            "and Embedding are); pass no target_rank (scalings still become tensors) or keep them out of the adapters"
         )
 
 
@@ -153,7 +153,7 @@ def describe(config: LoraConfig, lora_model: LoraModel, adapter: str) -> LoraCon
     as ``r``/``lora_alpha``, the others in ``rank_pattern``/``alpha_pattern`` (exact module names)."""
     ranks, alphas = {}, {}
     for name, layer in lora_model.lora_layers():
-        if adapter in layer.r:
+        if adapter in layer.r and layer.scalable:  # trainable tokens have no rank or alpha of a config
             ranks[name], alphas[name] = layer.r[adapter], layer.lora_alpha[adapter]
     out = copy.deepcopy(config)
     if not ranks:
@@ -173,7 +173,7 @@ def hotswap_adapter(model: nn.Module, model_name_or_path, adapter_name: str, tor
     ``torch_device`` is accepted for PEFT's signature: the tensors go where the adapter's are. ``subfolder``,
     ``revision`` and the Hub's keywords are passed on. Refused swaps raise and leave the model as it was."""
     subfolder, revision = kwargs.pop("subfolder", None), kwargs.pop("revision", None)
-    hub, allow_pickle = load_options(kwargs)
+    hub, allow_pickle, _ = load_options(kwargs)  # autocast: the tensors go into the existing ones, their dtype
     config = read_config(model_name_or_path, subfolder, revision, **hub)
     tensors, source = read_weights(model_name_or_path, subfolder, revision, allow_pickle, **hub)
     hotswap_adapter_from_state_dict(model, tensors, adapter_name, config, source=str(source))
@@ -197,6 +197,9 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, Tens
     if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
         raise ValueError(f"{source} is a {config.init_lora_weights!r} adapter (it rewrites the base weights); it "
                          "cannot be hotswapped")
+    tokens = [n for n, layer in lora_model.lora_layers() if not layer.scalable and adapter_name in layer.r]
+    if tokens:
+        raise ValueError(f"adapter {adapter_name!r} holds trainable tokens ({tokens[:3]}); it cannot be hotswapped")
     rewritten = [n for n, layer in lora_model.lora_layers()
                  if layer.base_rewrite is not None and layer.base_rewrite.adapter_name == adapter_name]
     if rewritten:
@@ -246,6 +249,9 @@ def _plan(lora_model: LoraModel, adapter_name: str, config: LoraConfig, state_di
     for name, layer in lora_model.lora_layers():
         if adapter_name not in layer.r:
             continue
+        if not isinstance(layer, (Linear, Embedding, Conv)):
+            raise NotImplementedError(f"hotswapping into a {type(layer).__name__} layer ({name!r}) is not implemented "
+                                      "(Linear, Embedding and Conv layers are); load the adapter with load_adapter")
         keys = _factor_keys(name, layer, adapter_name)
         factor_keys.update(keys)
         plans.append(_layer_plan(name, layer, adapter_name, config, [found.get(k) for k in keys], source))

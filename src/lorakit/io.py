@@ -130,3 +130,22 @@ def resolve_file(
             f"{where} not found for {name!r}: not a local folder, and the Hub (or its cache, when offline) does not "
             f"have it at revision {revision or 'main'}: {type(e).__name__}: {e}"
         ) from None
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata in a safetensors file's header (``{}`` for a file that is not one or cannot be read:
+    reading the tensors reports that)."""
+    if not str(path).endswith(".safetensors") or not os.path.isfile(path):
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:
+        return {}
+
+
+def written_by_lorakit(weights_path: str | os.PathLike) -> bool:
+    """Whether lorakit wrote this weights file (it puts its version in the safetensors metadata)."""
+    return "lorakit_version" in safetensors_metadata(weights_path)

@@ -18,9 +18,9 @@ PEFT_PREFIX = "base_model.model."
 #: module names lorakit gives its own parts start with this (PEFT's ``LoraModel.prefix``)
 LORA_PREFIX = "lora_"
 #: containers that hold one entry per adapter name; the segment after them is the adapter's name
-PER_ADAPTER = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save")
+PER_ADAPTER = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save", "trainable_tokens_delta")
 
-_ANY_ADAPTER = re.compile(r"(?:^|\.)(?:lora_\w+|modules_to_save)(?:\.|$)")
+_ANY_ADAPTER = re.compile(r"(?:^|\.)(?:lora_\w+|modules_to_save|trainable_tokens_delta)(?:\.|$)")
 
 
 def adapter_key_pattern(adapter_name: str) -> re.Pattern:

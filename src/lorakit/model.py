@@ -20,10 +20,14 @@ from .config import LoraConfig
 from .exact_merge import Scratch
 from .keys import LORA_PREFIX, adapter_key_pattern, check_adapter_names, is_adapter_key
 from .layers import LoraLayer, is_linear, lora_layer_for
-from .mixed_batch import BASE, batch_size, mixed_batch
+from .layers.multihead import check_targets, uncalled_children
+from .layers.parameter import direct_parameters, find_or_wrap
+from .mixed_batch import BASE, mixed_batch
 from .modules_to_save import ModulesToSaveWrapper
-from .targeting import modules_to_save_names, select_targets
-from .walk import base_of, head_names, leaf_parameters, merged_names, parent_and_child, walk
+from .targeting import modules_to_save_names, select_parameters, select_targets, unadapted_expert_parameters
+from .trainability import DisabledGrads, check_bias_owner, mark_trainable
+from .trainable_tokens import TrainableTokensWrapper, inject_tokens
+from .walk import base_of, head_names, merged_names, parent_and_child, walk
 
 __all__ = ["LoraModel"]
 
@@ -33,23 +37,25 @@ class LoraModel(nn.Module):
 
     prefix = LORA_PREFIX
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         self.model = model
         self.training = model.training
         self.peft_config: dict[str, LoraConfig] = {}
         self._requires_grad_before: dict[str, bool] = {n: p.requires_grad for n, p in model.named_parameters()}
         self.active_adapters: list[str] = [adapter_name]
-        self.inject_adapter(config, adapter_name)
+        self._disabled_grads = DisabledGrads()  # what trained before the adapters were disabled
+        self.inject_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
     # -- pass-through ---------------------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
-        with mixed_batch(self, adapter_names, batch_size(args, kwargs)):
+        with mixed_batch(self, adapter_names):
             return self.model(*args, **kwargs)
 
-    def mixed_batch(self, adapter_names: Optional[Sequence[str]], rows_in_batch: Optional[int] = None):
+    def mixed_batch(self, adapter_names: Optional[Sequence[str]], prompts: Optional[int] = None):
         """Context: batch row ``n`` runs adapter ``adapter_names[n]`` (see :mod:`lorakit.mixed_batch`)."""
-        return mixed_batch(self, adapter_names, rows_in_batch)
+        return mixed_batch(self, adapter_names, prompts)
 
     def __getattr__(self, name: str):
         try:
@@ -77,7 +83,8 @@ class LoraModel(nn.Module):
 
     # -- adding adapters --------------------------------------------------------------------------------------------
     def inject_adapter(
-        self, config: LoraConfig, adapter_name: str, state_dict: Optional[dict[str, Tensor]] = None
+        self, config: LoraConfig, adapter_name: str, state_dict: Optional[dict[str, Tensor]] = None,
+        autocast_adapter_dtype: bool = True, *, shares_biases_with: Sequence[str] = (),
     ) -> None:
         """Add ``adapter_name`` to every module ``config`` targets; on any error the model is left as it was.
 
@@ -85,18 +92,17 @@ class LoraModel(nn.Module):
         them exactly (no missing or unexpected keys, same shapes), else ``ValueError`` and nothing changes.
         It may also be a callable that gets the adapter's expected tensors ``{key: tensor}`` and returns that dict:
         file formats (lorakit.convert) can only map their keys once the adapter's layers exist.
+        ``autocast_adapter_dtype`` (PEFT's): True keeps the factors of half-precision layers in float32; False
+        stores them in each base layer's dtype. Only one adapter may train the base model's (shared) biases, as in
+        PEFT; ``shares_biases_with`` names adapters whose trained biases this one takes over rather than trains
+        anew (``add_weighted_adapter``'s sources).
         """
+        if not isinstance(autocast_adapter_dtype, bool):
+            raise TypeError(f"autocast_adapter_dtype must be a bool, got {autocast_adapter_dtype!r}")
         if not isinstance(config, LoraConfig):
             raise TypeError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter_name={adapter_name!r} is invalid: expected a non-empty name without '.'")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or pick another name")
-        if adapter_name == BASE or adapter_name.startswith(LORA_PREFIX) or hasattr(nn.ModuleDict(), adapter_name):
-            raise ValueError(
-                f"adapter_name={adapter_name!r} is reserved (it is {BASE!r}, starts with {LORA_PREFIX!r}, or is an "
-                "nn.Module attribute such as 'double' or 'to'); pick another name"
-            )
+        _check_new_adapter_name(adapter_name, self.peft_config)
+        check_bias_owner(self.peft_config, config, adapter_name, shares_biases_with)
 
         # One walk over the model: names, and which are linear (for "all-linear"), not entering our own layers.
         named = list(walk(self.model))
@@ -109,13 +115,18 @@ class LoraModel(nn.Module):
             if kind is not None and is_linear(base):
                 linear.append(name)
         targets = select_targets(config, names, linear, head_names(self.model, config.task_type, named))
+        all_linear = str(config.target_modules).lower() == "all-linear"
+        targets = check_targets(targets, uncalled_children(named), all_linear)
         unsupported = [t.name for t in targets if kinds[t.name][1] is None]
         if unsupported:
             examples = ", ".join(f"{n} ({type(kinds[n][0]).__name__})" for n in unsupported[:5])
             raise ValueError(
                 f"target modules of unsupported type: {examples}. lorakit adapts nn.Linear, nn.Embedding, "
-                "nn.Conv1d/2d/3d and transformers' Conv1D; register others with lorakit.register_lora_layer"
+                "nn.Conv1d/2d/3d, nn.MultiheadAttention and transformers' Conv1D; register others with lorakit.register_lora_layer"
             )
+        parameters = direct_parameters(named)
+        param_targets = select_parameters(config, [n for n, _ in parameters])
+        _warn_unreached_experts(unadapted_expert_parameters(config, parameters))
         save_names = modules_to_save_names(config, names)
 
         created: list[tuple[str, nn.Module]] = []  # (name, original module) of layers wrapped now
@@ -133,20 +144,27 @@ class LoraModel(nn.Module):
                 else:
                     updated.append(module)
                 module.update_layer(  # trainable only if active: the cost does not grow with the adapter count
-                    adapter_name, t.r, t.alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora
+                    adapter_name, t.r, t.alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora,
+                    lora_bias=config.lora_bias,
                 )
+                if not autocast_adapter_dtype:
+                    module.keep_base_dtype(adapter_name)
+            for t in param_targets:
+                self._adapt_parameter(t, adapter_name, config, created, updated)
+            if config.trainable_token_indices is not None:
+                inject_tokens(self.model, config, adapter_name, self.active_adapters, names, created, updated)
+            active = adapter_name in self.active_adapters  # the first adapter; later ones start inactive, frozen
             for name in save_names:
                 module = self.model.get_submodule(name)
                 if isinstance(module, ModulesToSaveWrapper):
                     updated.append(module)
-                    module.update(adapter_name, trainable=adapter_name in self.active_adapters)
+                    module.update(adapter_name, trainable=active)  # the other adapters' copies stay as they are
                 else:
                     wrapper = ModulesToSaveWrapper(module, adapter_name)
                     parent, child = parent_and_child(self.model, name)
                     setattr(parent, child, wrapper)
                     created.append((name, module))
-                    module = wrapper
-                module.set_adapter(self.active_adapters)
+                    wrapper.set_adapter([adapter_name] if active else [])
             self.peft_config[adapter_name] = config
             if state_dict is not None:
                 self.load_adapter_state(adapter_name, state_dict)
@@ -161,8 +179,27 @@ class LoraModel(nn.Module):
                     layer.delete_adapter(adapter_name)  # gives back a base weight PiSSA/OLoRA rewrote
                 setattr(parent, child, original)
             raise
-        if adapter_name in self.active_adapters:
-            self._mark_trainable()  # the first adapter: freeze the base, apply the bias choice
+        if adapter_name in self.active_adapters:  # the first adapter: freeze the base, apply the bias choice
+            mark_trainable(self, inference_mode=config.inference_mode)
+
+    def _adapt_parameter(self, target, adapter_name: str, config: LoraConfig, created: list, updated: list) -> None:
+        """Give the parameter ``target.name`` (``<module>.<parameter>``) the adapter, wrapping its module in a
+        ParamWrapper if no earlier adapter did; records what changed in ``created``/``updated`` for rollback."""
+        module_name, _, parameter = target.name.rpartition(".")
+        if not module_name:
+            raise ValueError(f"target_parameters: {parameter!r} is a parameter of the model itself; only parameters "
+                             "of its submodules can be adapted")
+        holder = self.model.get_submodule(module_name)
+        layer, new = find_or_wrap(holder, parameter)
+        if new:
+            layer.active_adapters = list(self.active_adapters)
+            parent, child = parent_and_child(self.model, module_name)
+            setattr(parent, child, layer)
+            created.append((module_name, holder))
+        else:
+            updated.append(layer)
+        layer.update_layer(adapter_name, target.r, target.alpha, config.lora_dropout, config.init_lora_weights,
+                           config.use_rslora, lora_bias=config.lora_bias)
 
     def adapter_state(self, adapter_name: str) -> dict[str, Tensor]:
         """The tensors that make up one adapter, keyed by their path in ``self.model`` (adapter name included):
@@ -215,74 +252,63 @@ class LoraModel(nn.Module):
                     own[key].copy_(value)
             raise
 
-    def _base_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """``self.model.named_parameters()`` less what lorakit added (adapter factors, modules_to_save copies): one
-        walk that does not enter lorakit's layers, so its cost does not grow with the number of adapters."""
-        for name, module in walk(self.model):
-            if isinstance(module, LoraLayer):
-                yield from leaf_parameters(module.base_layer, f"{name}.base_layer")
-            elif isinstance(module, ModulesToSaveWrapper):
-                yield from leaf_parameters(module.original_module, f"{name}.original_module")
-            else:  # the walk visits its children
-                yield from ((f"{name}.{k}" if name else k, p) for k, p in module._parameters.items() if p is not None)
-
-    def _mark_trainable(self) -> None:
-        """Only the active adapters (and the bias choice, and modules_to_save copies) train."""
-        for name, p in self._base_parameters():
-            if not is_adapter_key(name):
-                p.requires_grad_(False)
-        for module in self.adapter_modules():
-            module.set_adapter(self.active_adapters)
-        for adapter in self.active_adapters:
-            config = self.peft_config[adapter]
-            if config.inference_mode:
-                for module in self.adapter_modules():
-                    for n, p in module.named_parameters():
-                        if f".{adapter}." in f".{n}." and "original_module" not in n:
-                            p.requires_grad_(False)
-            if config.bias == "all":
-                for n, p in self.model.named_parameters():
-                    if "bias" in n and "original_module" not in n:
-                        p.requires_grad_(True)
-            elif config.bias == "lora_only":
-                for _, layer in self.lora_layers():
-                    if adapter in layer.r and getattr(layer.base_layer, "bias", None) is not None:
-                        layer.base_layer.bias.requires_grad_(True)
-
     # -- switching ----------------------------------------------------------------------------------------------------
-    def set_adapter(self, adapter_name: str | Sequence[str], *, weights: Optional[Sequence[float]] = None) -> None:
-        """Activate one adapter (or several, whose updates add up); only active adapters train. ``weights`` (one per
-        adapter, lorakit's addition with diffusers' meaning) multiplies each one's update, until set again;
-        without it scales stay as they are (see :mod:`lorakit.adapter_scales`)."""
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False, *,
+                    weights: Optional[Sequence[float]] = None) -> None:
+        """Activate one adapter (or several, whose updates add up). As in PEFT, the active adapters become
+        trainable unless ``inference_mode``, and all others frozen. ``weights`` (one per adapter, lorakit's addition
+        with diffusers' meaning) multiplies each one's update until set again; without it scales stay as they are
+        (see :mod:`lorakit.adapter_scales`)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         check_adapter_names(names, self.peft_config)
+        for module in self.adapter_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.check_active(names)  # before anything changes
         if weights is not None:
             set_adapter_weights(self, names, weights)
         self.active_adapters = names
-        self._mark_trainable()
+        mark_trainable(self, inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn training of the named adapters (active or not) on or off: their LoRA factors and modules_to_save
+        copies (PEFT's ``set_requires_grad``)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        check_adapter_names(names, self.peft_config)
+        if not isinstance(requires_grad, bool):
+            raise TypeError(f"requires_grad must be a bool, got {requires_grad!r}")
+        for module in self.adapter_modules():
+            module.set_requires_grad(names, requires_grad)
 
     def _set_adapters_enabled(self, enabled: bool) -> None:
         for module in self.adapter_modules():
             module.enable_adapters(enabled)
+        if enabled:
+            self._disabled_grads.thaw()
+        else:  # PEFT freezes the adapters while they are disabled; lorakit gives back exactly what trained before
+            self._disabled_grads.freeze(self.adapter_modules())
 
     def enable_adapter_layers(self) -> None:
         self._set_adapters_enabled(True)
 
     def disable_adapter_layers(self) -> None:
+        """Run the base model alone until :meth:`enable_adapter_layers`; the adapters do not train meanwhile."""
         self._set_adapters_enabled(False)
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Run the bare base model inside the block; the previous state (merged adapters too) comes back after,
-        even when the block raises."""
+        """Run the bare base model inside the block, with the adapters frozen; the previous state (merged adapters,
+        which adapters trained) comes back after, even when the block raises."""
         merged = self.merged_adapter_names()
         if merged:
             self.unmerge_adapter()
         was_disabled = [(m, m.disable_adapters) for m in self.adapter_modules()]
+        was_frozen = self._disabled_grads.active
         self._set_adapters_enabled(False)
         try:
             yield
         finally:
+            if not was_frozen:
+                self._set_adapters_enabled(True)
             for module, flag in was_disabled:
                 module.enable_adapters(not flag)
             if merged:
@@ -301,8 +327,10 @@ class LoraModel(nn.Module):
         if not active and self.peft_config:
             active = [next(iter(self.peft_config))]
             warnings.warn(f"deleted the active adapter {adapter_name!r}; {active[0]!r} is now active", stacklevel=2)
+        was_active = adapter_name in self.active_adapters
         self.active_adapters = active
-        self._mark_trainable()
+        if was_active:  # PEFT's rule: the adapters that take over train (an inactive one's going changes nothing)
+            mark_trainable(self)
 
     # -- merging --------------------------------------------------------------------------------------------------
     def merged_adapter_names(self) -> list[str]:
@@ -334,7 +362,7 @@ class LoraModel(nn.Module):
         shared = self._shared_weights()
         scratch = Scratch()  # work buffers shared by all layers
         for layer in layers:
-            layer.merge(names, own_weight=id(layer.base_layer.weight) in shared, scratch=scratch,
+            layer.merge(names, own_weight=id(layer.weight) in shared, scratch=scratch,
                         reversible=reversible)
 
     def _shared_weights(self) -> set[int]:
@@ -350,17 +378,24 @@ class LoraModel(nn.Module):
     def _unwrap(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         if merge:
             self.merge_adapter(adapter_names, safe_merge=safe_merge, reversible=False)  # the layers go away
-        untied = False
+        untied, replaced = False, []
         for name, module in list(self.model.named_modules()):
+            if any(name.startswith(f"{r}.") for r in replaced):
+                continue  # inside a module replaced as a whole (nested wrappers, MultiheadAttention's out_proj)
+            if isinstance(module, TrainableTokensWrapper):
+                module = module.token_adapter  # the wrapper goes with its layer
             if isinstance(module, LoraLayer):
-                if not merge and module.merged:
-                    module.unmerge()
-                if not merge:
-                    module.restore_base()  # "as it was": a PiSSA/OLoRA residual goes back to the original weight
-                untied |= module.has_private_weight
-                replacement = module.base_layer
+                replacement = module
+                while isinstance(replacement, LoraLayer):  # wrappers nest for several target_parameters
+                    if not merge and replacement.merged:
+                        replacement.unmerge()
+                    if not merge:
+                        replacement.restore_base()  # "as it was": a PiSSA/OLoRA residual goes back to the original
+                    untied |= replacement.has_private_weight
+                    replacement = replacement.unwrapped()
+                replaced.append(name)
             elif isinstance(module, ModulesToSaveWrapper):
-                replacement = module.active_module if merge else module.original_module
+                replacement = module.unloaded_module
             else:
                 continue
             parent, child = parent_and_child(self.model, name)
@@ -377,7 +412,8 @@ class LoraModel(nn.Module):
         return self._unwrap(True, safe_merge, adapter_names)
 
     def unload(self) -> nn.Module:
-        """Remove every adapter without merging; return the base model as it was before lorakit."""
+        """Remove every adapter without merging; return the base model as it was before lorakit, except that a
+        ``modules_to_save`` module is the active adapter's trained copy (PEFT's choice)."""
         return self._unwrap(False)
 
     # -- combination (maths in lorakit.combine) ----------------------------------------------------------------------
@@ -386,3 +422,29 @@ class LoraModel(nn.Module):
         from .combine import add_weighted_adapter
 
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
+
+def _check_new_adapter_name(adapter_name, existing) -> None:
+    """``ValueError`` unless ``adapter_name`` can name a new adapter: a fresh, non-empty name without '.', not
+    reserved (``"__base__"``, lorakit's ``lora_`` prefix, or an ``nn.Module`` attribute such as ``to``)."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name={adapter_name!r} is invalid: expected a non-empty name without '.'")
+    if adapter_name in existing:
+        raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or pick another name")
+    if adapter_name == BASE or adapter_name.startswith(LORA_PREFIX) or hasattr(nn.ModuleDict(), adapter_name):
+        raise ValueError(
+            f"adapter_name={adapter_name!r} is reserved (it is {BASE!r}, starts with {LORA_PREFIX!r}, or is an "
+            "nn.Module attribute such as 'double' or 'to'); pick another name"
+        )
+
+
+def _warn_unreached_experts(names: list[str]) -> None:
+    """``"all-linear"`` adapts linear layers only: say once which expert stacks it left alone, and how to reach them."""
+    if not names:
+        return
+    entries = sorted({".".join(n.split(".")[-2:]) for n in names})
+    warnings.warn(
+        f"target_modules='all-linear' adapts nn.Linear layers only; {len(names)} 3-D expert parameter(s) of this model "
+        f"get no adapter, e.g. {names[:4]}. To adapt the experts, add target_parameters={entries}",
+        UserWarning, stacklevel=4,
+    )

@@ -15,6 +15,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -98,9 +99,13 @@ def add_lora(out: Tensor, h: Tensor, B: Tensor, scaling: float | Tensor) -> Tens
 
 
 def keep_mask(like: Tensor, p: float) -> Tensor:
-    """Which elements dropout ``p`` keeps (bool, Bernoulli(1 − p)), from torch's global generator as ``nn.Dropout``
-    draws, so ``torch.manual_seed`` makes it reproducible."""
-    return torch.rand(like.shape, device=like.device) >= p
+    """Which elements dropout ``p`` keeps (bool, Bernoulli(1 − p)): the very mask ``nn.Dropout`` would draw for a
+    tensor like ``like`` (its shape, dtype and device), from the same generator in the same way (``bernoulli_(1 −
+    p)`` on CPU, the fused kernel on CUDA), because it is drawn by torch's dropout itself; so a seed gives lorakit
+    and PEFT the same masks."""
+    if like.device.type == "cpu":  # CPU dropout's own draw, empty_like(x).bernoulli_(1 − p), without its multiply
+        return torch.empty_like(like).bernoulli_(1 - p).bool()
+    return F.dropout(torch.ones_like(like), p, training=True) != 0  # the draws depend on the shape, not the values
 
 
 def pack_bits(mask: Tensor) -> Tensor:
@@ -131,7 +136,7 @@ class _DroppedLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, p: float):
         keep = keep_mask(x, p)
-        h = (x * keep.to(x.dtype).mul_(1 / (1 - p))) @ A.T
+        h = (x * keep.to(x.dtype).div_(1 - p)) @ A.T  # x times nn.Dropout's noise, bernoulli/(1 − p)
         ctx.save_for_backward(x, A, B, h, pack_bits(keep))
         ctx.scaling, ctx.p = scaling, p
         return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.T, alpha=scaling).view(out.shape)
@@ -147,7 +152,7 @@ class _DroppedLora(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_B = (g.T @ h2) * s
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            mask = unpack_bits(packed, x.shape).to(x.dtype).mul_(1 / (1 - ctx.p))
+            mask = unpack_bits(packed, x.shape).to(x.dtype).div_(1 - ctx.p)
             if ctx.needs_input_grad[2]:
                 grad_A = gh.T @ (x * mask).reshape(-1, x.shape[-1])
             if ctx.needs_input_grad[1]:

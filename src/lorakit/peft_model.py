@@ -14,10 +14,13 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
-from .checkpoint import FileAdapter, check_same_scaling, load_options, read_weights, save_adapters
+from .checkpoint import FileAdapter, LoadResult, check_same_scaling, load_options, read_weights, save_adapters
 from .config import LoraConfig, read_config
-from .mixed_batch import batch_size
+from .hub import push_to_hub
+from .kohya_file import kohya_file, read_kohya
+from .mixed_batch import prompt_count
 from .model import LoraModel
+from .model_card import write_model_card
 from .walk import activation_checkpointing
 
 
@@ -40,13 +43,16 @@ class PeftModel(nn.Module):
 
     #: modules a task type trains in full besides the adapters (PEFT's choice per task)
     task_modules_to_save: tuple[str, ...] = ()
+    #: the model card's ``pipeline_tag`` (PEFT sets it for causal LMs only)
+    card_pipeline_tag: Optional[str] = None
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs: Any):
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
         super().__init__()
         config = prepare_config(model, peft_config, self.task_modules_to_save)
         # asked before injecting: the answer is the same, and transformers' check visits every module
         checkpointing = hasattr(model, "enable_input_require_grads") and activation_checkpointing(model)
-        self.base_model = LoraModel(model, config, adapter_name)
+        self.base_model = LoraModel(model, config, adapter_name, autocast_adapter_dtype)
         self.training = model.training
         if checkpointing:
             # Reentrant checkpointing gives a block no gradient unless its input needs one; the frozen embeddings'
@@ -62,8 +68,10 @@ class PeftModel(nn.Module):
     def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any):
         """The base model's ``generate``; with ``adapter_names`` each prompt keeps its adapter through every step
         (beams and returned sequences inherit their prompt's adapter)."""
-        with self.base_model.mixed_batch(adapter_names, batch_size(args, kwargs)):
-            return self.get_base_model().generate(*args, **kwargs)
+        model = self.get_base_model()
+        prompts = None if adapter_names is None else prompt_count(model, args, kwargs)
+        with self.base_model.mixed_batch(adapter_names, prompts):
+            return model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -89,13 +97,29 @@ class PeftModel(nn.Module):
     def active_adapters(self) -> list[str]:
         return list(self.base_model.active_adapters)
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add a new adapter (inactive until :meth:`set_adapter`)."""
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a new adapter (inactive and frozen until :meth:`set_adapter`). ``autocast_adapter_dtype=False``
+        keeps its factors in each base layer's dtype (float16/bfloat16 instead of float32 on half-precision
+        layers)."""
         config = prepare_config(self.get_base_model(), peft_config, self.task_modules_to_save)
-        self.base_model.inject_adapter(config, adapter_name)
+        self.base_model.inject_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
-    def set_adapter(self, adapter_name: str | Sequence[str], *, weights: Optional[Sequence[float]] = None) -> None:
-        self.base_model.set_adapter(adapter_name, weights=weights)
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False, *,
+                    weights: Optional[Sequence[float]] = None) -> None:
+        """Activate an adapter (or several); it trains unless ``inference_mode``, all others are frozen (PEFT);
+        ``weights``: see :meth:`LoraModel.set_adapter`."""
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode, weights=weights)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn training of the named adapters (active or not) on or off."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """Every adapter's ``modules_to_save`` entries together (``None`` if there are none), as PEFT has it."""
+        names = {m for config in self.peft_config.values() for m in (config.modules_to_save or ())}
+        return names or None
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
@@ -149,8 +173,18 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> None:
         """Write each selected adapter (default: all) as PEFT's adapter_config.json + adapter_model.safetensors;
-        ``default`` at the top of ``save_directory``, others in a subfolder of their name. PEFT's argument order."""
-        save_adapters(self, save_directory, selected_adapters, safe_serialization, **kwargs)
+        ``default`` at the top of ``save_directory``, others in a subfolder of their name; and a model card
+        (``README.md``, merged into one that is there: :mod:`lorakit.model_card`). PEFT's argument order."""
+        saved = save_adapters(self, save_directory, selected_adapters, safe_serialization, **kwargs)
+        if saved:
+            base = self.get_base_model()
+            write_model_card(save_directory, saved[0][2].base_model_name_or_path, saved,
+                             tags=getattr(base, "model_tags", None) or (), pipeline_tag=self.card_pipeline_tag)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Save the adapters (and the model card, merged into the repo's own README) and upload them to the Hub
+        repo ``repo_id``, creating it if needed; see :func:`lorakit.hub.push_to_hub` for the options."""
+        return push_to_hub(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -165,26 +199,31 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> "PeftModel":
         """Wrap ``model`` with the saved adapter; frozen and in eval mode unless ``is_trainable``. The class follows
-        the config's ``task_type`` when called on ``PeftModel`` itself, as in PEFT. On any error ``model`` is handed
-        back untouched (unwrapped, flags restored)."""
+        the config's ``task_type`` when called on ``PeftModel`` itself, as in PEFT. ``model_id`` may also be a kohya
+        (A1111/ComfyUI) ``.safetensors`` file, or a folder holding only one (:mod:`lorakit.kohya_file`). On any
+        error ``model`` is handed back untouched (unwrapped, flags restored)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(model, PeftModel):
             raise TypeError("model is a PeftModel already; use its load_adapter() to add another adapter")
         if not isinstance(is_trainable, bool):
             raise TypeError(f"is_trainable must be a bool, got {is_trainable!r}")
-        hub, allow_pickle = load_options(kwargs)
-        if config is None:
+        hub, allow_pickle, autocast = load_options(kwargs)
+        kohya = kohya_file(model_id, subfolder)
+        if kohya is not None:  # an A1111/ComfyUI file: config and keys from its tensors and the model's names
+            config, tensors, source = read_kohya(kohya, model, config)
+        elif config is None:
             config = read_config(model_id, subfolder, revision, **hub)
         elif not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a lorakit LoraConfig, got {type(config).__name__}")
         else:
             config = copy.deepcopy(config)
-        tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, **hub)
+        if kohya is None:
+            tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, **hub)
         config.inference_mode = not is_trainable
         if cls is PeftModel:
             cls = peft_model_class(config.task_type)
-        peft_model = cls(model, config, adapter_name)  # on error the model is left as it was
+        peft_model = cls(model, config, adapter_name, autocast)  # on error the model is left as it was
         fit = FileAdapter(peft_model.base_model, adapter_name, tensors, source)
         try:
             peft_model.base_model.load_adapter_state(adapter_name, fit)
@@ -204,34 +243,42 @@ class PeftModel(nn.Module):
         subfolder: Optional[str] = None,
         revision: Optional[str] = None,
         **kwargs: Any,
-    ) -> None:
+    ) -> LoadResult:
         """Add the saved adapter as ``adapter_name`` (not activated), frozen unless ``is_trainable``. If
         ``adapter_name`` exists already, its weights are overwritten in place (PEFT's behaviour, which trainers rely
-        on), provided the file's ranks and scalings are the adapter's. Any error leaves the model as it was."""
+        on), provided the file's ranks and scalings are the adapter's. Any error leaves the model as it was.
+        Returns PEFT's load result (``missing_keys``, ``unexpected_keys``: empty, since a file that does not fit
+        is refused)."""
         if not isinstance(is_trainable, bool):
             raise TypeError(f"is_trainable must be a bool, got {is_trainable!r}")
-        hub, allow_pickle = load_options(kwargs)
+        hub, allow_pickle, autocast = load_options(kwargs)
         lora_model = self.base_model
-        config = read_config(model_id, subfolder, revision, **hub)
-        tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, **hub)
+        kohya = kohya_file(model_id, subfolder)
+        if kohya is not None:
+            config, tensors, source = read_kohya(kohya, self.get_base_model())
+        else:
+            config = read_config(model_id, subfolder, revision, **hub)
+            tensors, source = read_weights(model_id, subfolder, revision, allow_pickle, **hub)
         if adapter_name in lora_model.peft_config:
             check_same_scaling(lora_model.peft_config[adapter_name], config, adapter_name, source)
             fit = FileAdapter(lora_model, adapter_name, tensors, source)
             lora_model.load_adapter_state(adapter_name, fit)  # checks every key and shape before copying
             fit.place()
-            return
+            return LoadResult([], [])
         config.inference_mode = not is_trainable
         config = prepare_config(self.get_base_model(), config, self.task_modules_to_save)
         fit = FileAdapter(lora_model, adapter_name, tensors, source)
-        lora_model.inject_adapter(config, adapter_name, state_dict=fit)
+        lora_model.inject_adapter(config, adapter_name, state_dict=fit, autocast_adapter_dtype=autocast)
         try:
             fit.place()
         except BaseException:
             lora_model.delete_adapter(adapter_name)
             raise
-        lora_model.set_adapter(lora_model.active_adapters)
-        if not is_trainable:
+        if is_trainable:  # inactive, and trainable all the same (PEFT 0.21)
+            lora_model.set_requires_grad(adapter_name, True)
+        else:
             self.eval()
+        return LoadResult([], [])
 
 
 class _NamedInputs(PeftModel):
@@ -244,6 +291,8 @@ class _NamedInputs(PeftModel):
 
 
 class PeftModelForCausalLM(_NamedInputs):
+    card_pipeline_tag = "text-generation"
+
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, adapter_names=None, **kwargs):
         return self._call(adapter_names, dict(
@@ -275,10 +324,12 @@ class PeftModelForFeatureExtraction(_NamedInputs):
 
 class PeftModelForSequenceClassification(PeftModelForCausalLM):
     task_modules_to_save = ("classifier", "score")
+    card_pipeline_tag = None
 
 
 class PeftModelForTokenClassification(PeftModelForCausalLM):
     task_modules_to_save = ("classifier", "score")
+    card_pipeline_tag = None
 
 
 class PeftModelForQuestionAnswering(_NamedInputs):
@@ -326,4 +377,5 @@ def get_peft_model(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if mixed:
         raise ValueError("mixed=True (PEFT's mixed adapter types) is not supported: lorakit implements LoRA only")
-    return peft_model_class(getattr(peft_config, "task_type", None))(model, peft_config, adapter_name)
+    cls = peft_model_class(getattr(peft_config, "task_type", None))
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype)

@@ -84,6 +84,8 @@ def select_targets(
     Raises ``ValueError`` when nothing matches; warns, naming them, about list entries that matched nothing.
     """
     targets = config.target_modules
+    if targets is None and config.target_parameters:
+        return []  # only parameters are adapted (select_parameters)
     if targets is None:
         raise ValueError(
             "LoraConfig.target_modules is None and lorakit has no default target list for this model: "
@@ -119,7 +121,7 @@ def select_targets(
         alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
         chosen.append(Target(name, r, alpha))
 
-    if not chosen:
+    if not chosen and not (targets == [] and (config.target_parameters or config.trainable_token_indices)):
         sample = [n for n in module_names if n][:12]
         raise ValueError(
             f"target_modules={targets!r} matched no module of the model"
@@ -164,3 +166,42 @@ def modules_to_save_names(config: LoraConfig, module_names: Sequence[str]) -> li
     if missing:
         warnings.warn(f"modules_to_save entries matched no module and were ignored: {missing}", stacklevel=3)
     return chosen
+
+
+def select_parameters(config: LoraConfig, parameter_names: Sequence[str]) -> list[Target]:
+    """The parameters ``config.target_parameters`` adapts, in model order, each with its rank and alpha.
+
+    ``parameter_names`` are ``"<module>.<parameter>"`` for the parameters registered directly on each module (PEFT's
+    rule: a name matches an entry it equals or ends with ``.entry``; ``rank_pattern``/``alpha_pattern`` read the
+    same name). Raises ``ValueError`` when entries are given and nothing matches; warns about entries that matched
+    nothing.
+    """
+    entries = config.target_parameters or []
+    chosen, used = [], set()
+    for name in parameter_names:
+        hits = [e for e in entries if list_entry_matches(name, e)]
+        if not hits:
+            continue
+        used.update(hits)
+        r = pattern_value(name, config.rank_pattern, config.r)
+        alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
+        chosen.append(Target(name, r, alpha))
+    if entries and not chosen:
+        raise ValueError(
+            f"target_parameters={entries!r} matched no parameter of the model; entries are '<module>.<parameter>' "
+            f"names or suffixes of them. Some of the model's parameters: {list(parameter_names)[:8]}"
+        )
+    unused = [e for e in entries if e not in used]
+    if unused:
+        warnings.warn(f"target_parameters entries matched no parameter and were ignored: {unused}", stacklevel=3)
+    return chosen
+
+
+def unadapted_expert_parameters(config: LoraConfig, parameters: Sequence[tuple[str, int]]) -> list[str]:
+    """With ``target_modules="all-linear"``: the 3-D parameters (MoE expert stacks, given as ``(name, ndim)``) that
+    "all-linear" cannot reach and ``target_parameters`` does not name; the caller warns about them."""
+    targets = config.target_modules
+    if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
+        return []
+    entries = config.target_parameters or []
+    return [n for n, ndim in parameters if ndim == 3 and not any(list_entry_matches(n, e) for e in entries)]

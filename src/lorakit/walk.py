@@ -25,7 +25,8 @@ __all__ = [
 
 
 def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules()`` that does not enter lorakit's own layers."""
+    """``named_modules()`` that does not enter lorakit's own layers (except to reach an adapted layer nested in
+    another: several ``target_parameters`` of one module)."""
     seen = set()
     stack = [(prefix, module)]
     while stack:
@@ -37,6 +38,8 @@ def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]
         if not isinstance(m, (LoraLayer, ModulesToSaveWrapper)):
             children = [(f"{name}.{k}" if name else k, c) for k, c in m._modules.items() if c is not None]
             stack.extend(reversed(children))
+        elif isinstance(m, LoraLayer) and isinstance(m._modules["base_layer"], LoraLayer):
+            stack.append((f"{name}.base_layer", m._modules["base_layer"]))  # nested wrappers (target_parameters)
 
 
 def leaf_parameters(module: nn.Module, prefix: str) -> Iterable[tuple[str, nn.Parameter]]:
@@ -74,7 +77,8 @@ def head_names(model: nn.Module, task_type: Optional[str], named: Sequence[tuple
         heads.append(out)
     elif task_type == "SEQ_CLS":
         heads += [getattr(model, n) for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Module)]
-    return {name for name, m in named for h in heads if m is h or base_of(m) is h}
+    inside = {id(x) for h in heads for x in h.modules()}  # a head wrapped by lorakit (trainable tokens) and its parts
+    return {name for name, m in named if id(m) in inside or id(base_of(m)) in inside}
 
 
 def activation_checkpointing(model: nn.Module) -> bool:

@@ -52,3 +52,34 @@ def cli(*args):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main([str(a) for a in args])
     return code, out.getvalue(), err.getvalue()
+
+
+def make_assets(root):
+    """A tiny Llama with its tokenizer saved in ``root/llama`` and a 16-example chat file ``root/chat.jsonl``
+    (prompt/completion rows and multi-turn ``messages`` rows); returns (model folder, data file, tokenizer)."""
+    import json
+
+    tok = make_tokenizer()
+    model_dir = root / "llama"
+    make_llama(len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    rows = [{"prompt": q, "completion": a} for q, a in QA[:12]]
+    rows += [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": q},
+                           {"role": "assistant", "content": a}, {"role": "user", "content": "say hello"},
+                           {"role": "assistant", "content": "hello world"}]} for q, a in QA[12:]]
+    data = root / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    return model_dir, data, tok
+
+
+def settings_from(argv):
+    """What ``lorakit finetune ARGV`` would run (its ``Settings``), and where each setting came from."""
+    import dataclasses
+
+    from lorakit.cli import build_parser
+    from lorakit.cli.finetune import Settings
+    from lorakit.cli.recipe import resolve_settings
+
+    args = build_parser().parse_args(["finetune", *map(str, argv)])
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    return resolve_settings({k: v for k, v in vars(args).items() if k in fields}, args.config)

@@ -22,7 +22,7 @@ from conftest import CustomNet, custom_inputs, tiny_bert_cls, tiny_gpt2, tiny_ll
 from reference import dense_update, scale_of
 from lorakit import LoraConfig, LoraLayer, PeftModel, get_peft_model
 
-SAFE, BIN, CONFIG = "adapter_model.safetensors", "adapter_model.bin", "adapter_config.json"
+SAFE, BIN, CONFIG, CARD = "adapter_model.safetensors", "adapter_model.bin", "adapter_config.json", "README.md"
 
 
 def custom_net():
@@ -147,7 +147,7 @@ def test_round_trip_gives_identical_outputs(case, tmp_path):
     x = inputs()
     expected = run(source, x)
     source.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG, SAFE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CARD, CONFIG, SAFE]
 
     loaded = PeftModel.from_pretrained(make(), tmp_path)
     torch.testing.assert_close(run(loaded, x), expected, rtol=0, atol=0)
@@ -181,7 +181,11 @@ def test_saved_config_has_every_field_and_inference_mode(tmp_path):
     data = json.loads((tmp_path / CONFIG).read_text())
     assert {f for f in LoraConfig().to_dict()} <= set(data)
     assert data["peft_type"] == "LORA" and data["inference_mode"] is True
-    assert data["lorakit_version"] == lorakit.__version__
+    assert "lorakit_version" not in data  # PEFT would warn about a field it does not know
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / SAFE), "pt") as f:
+        assert f.metadata() == {"format": "pt", "lorakit_version": lorakit.__version__}
     assert data["fan_in_fan_out"] is True  # GPT-2's Conv1D, as PEFT records it
     assert source.peft_config["default"].inference_mode is False  # saving changed nothing in the model
 
@@ -197,10 +201,10 @@ def test_several_adapters_and_selected_adapters(tmp_path):
     out_default = run(source, x)
 
     source.save_pretrained(tmp_path / "all")
-    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == [CONFIG, SAFE, "other"]
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == [CARD, CONFIG, SAFE, "other"]
     assert sorted(p.name for p in (tmp_path / "all" / "other").iterdir()) == [CONFIG, SAFE]
     source.save_pretrained(tmp_path / "sel", selected_adapters=["other"])
-    assert sorted(p.name for p in (tmp_path / "sel").iterdir()) == ["other"]
+    assert sorted(p.name for p in (tmp_path / "sel").iterdir()) == [CARD, "other"]  # the card: at the top
 
     loaded = PeftModel.from_pretrained(make(), tmp_path / "all")
     loaded.load_adapter(tmp_path / "all", "other", subfolder="other")
@@ -565,7 +569,8 @@ def test_truncated_or_corrupt_files_name_the_file(saved):
 
 
 def test_wrong_adapter_name_or_arguments(saved):
-    expect_untouched(saved, TypeError, "device_map", device_map="auto")
+    expect_untouched(saved, TypeError, "device_mapp", device_mapp="auto")
+    expect_untouched(saved, TypeError, "device_map must be", device_map=["cpu"])
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
     before = fingerprint(model)
     with pytest.raises(ValueError, match=r"cannot overwrite adapter 'default': its \['r'\] differ"):
@@ -581,7 +586,7 @@ def test_pickle_only_with_explicit_opt_in(tmp_path):
     source = lorakit_source(tiny_llama, dict(target_modules=["q_proj"]))
     source.save_pretrained(tmp_path)
     source.save_pretrained(tmp_path, safe_serialization=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG, BIN]  # the older safetensors is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CARD, CONFIG, BIN]  # the older safetensors is gone
     expect_untouched(tmp_path, ValueError, "allow_pickle=True")
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, allow_pickle=True)
     torch.testing.assert_close(run(loaded, token_ids()), run(source, token_ids()), rtol=0, atol=0)
@@ -589,7 +594,7 @@ def test_pickle_only_with_explicit_opt_in(tmp_path):
     (tmp_path / BIN).write_bytes(raw[: len(raw) // 3])
     expect_untouched(tmp_path, ValueError, "adapter_model.bin.*(truncated or corrupt)", allow_pickle=True)
     source.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG, SAFE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CARD, CONFIG, SAFE]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -643,7 +648,7 @@ def test_full_disk_in_a_subprocess_keeps_the_old_adapter(tmp_path):
     folder = tmp_path / "adapter"
     get_peft_model(two_linears(), LoraConfig(target_modules=["0", "1"], r=2, init_lora_weights=False)).save_pretrained(folder)
     old = {p.name: p.read_bytes() for p in folder.iterdir()}
-    assert set(old) == {CONFIG, SAFE} and len(old[SAFE]) < 16_000
+    assert set(old) == {CARD, CONFIG, SAFE} and len(old[SAFE]) < 16_000
 
     script = tmp_path / "save.py"
     script.write_text(FULL_DISK)

@@ -64,14 +64,15 @@ SUPPORTED = [
     ("lora_ga_config-ignored", tiny_llama, dict(LLAMA_TARGETS, lora_ga_config={"direction": "ArB2r"})),
     ("runtime_config", tiny_llama, dict(LLAMA_TARGETS, runtime_config={"ephemeral_gpu_offload": False})),
     ("conv-and-embedding", custom_net, dict(target_modules=["emb", "conv1d", "conv2d", "lin1"], r=2)),
+    ("lora_bias", llama_bias, dict(LLAMA_TARGETS, lora_bias=True)),
+    ("target_parameters", tiny_llama, dict(target_modules=[], target_parameters=["q_proj.weight"])),
+    ("trainable_token_indices", tiny_llama, dict(LLAMA_TARGETS, trainable_token_indices=[1, 3])),
+    ("trainable_token_indices-dict", tiny_llama, dict(LLAMA_TARGETS, trainable_token_indices={"embed_tokens": [2]})),
 ]
 
 # (field named in the error, model factory, config kwargs)
 REFUSED = [
     ("use_dora", tiny_llama, dict(LLAMA_TARGETS, use_dora=True)),
-    ("lora_bias", tiny_llama, dict(LLAMA_TARGETS, lora_bias=True)),
-    ("target_parameters", tiny_llama, dict(target_modules=[], target_parameters=["q_proj.weight"])),
-    ("trainable_token_indices", tiny_llama, dict(LLAMA_TARGETS, trainable_token_indices=[1, 3])),
     ("alora_invocation_tokens", tiny_llama, dict(LLAMA_TARGETS, alora_invocation_tokens=[5, 6],
                                                   task_type="CAUSAL_LM")),
     ("layer_replication", tiny_llama, dict(LLAMA_TARGETS, layer_replication=[[0, 2], [1, 3]])),
@@ -115,7 +116,8 @@ def move_off_init(model, seed=5):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if any(k in name for k in ("lora_", "modules_to_save")) or (p.requires_grad and name.endswith("bias")):
+            if any(k in name for k in ("lora_", "modules_to_save", "trainable_tokens_delta")) or (
+                    p.requires_grad and name.endswith("bias")):
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 

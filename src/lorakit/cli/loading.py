@@ -91,10 +91,12 @@ def _gguf_parsed_once():
         gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_map
 
 
-def load_causal_lm(spec: Optional[str | os.PathLike] = None) -> LoadedModel:
+def load_causal_lm(spec: Optional[str | os.PathLike] = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Model and tokenizer for ``--model`` (see the module docstring). Errors name what was tried.
 
-    The model comes back in float32 (CPU training in half precision is slow and lossy) and in eval mode.
+    The model comes back on the CPU, in eval mode, with its parameters in ``dtype`` (float32 by default: CPU
+    training in half precision is slow and lossy); its buffers keep the dtype transformers gives them (rotary
+    frequencies stay in float32).
     """
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,10 +124,12 @@ def load_causal_lm(spec: Optional[str | os.PathLike] = None) -> LoadedModel:
             folder, source, label = str(spec), str(spec), str(spec)
 
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    # GGUF is de-quantised in float32 (the tested path) and cast below; a folder loads in a half dtype directly
+    weights_dtype = {"dtype": dtype} if dtype != torch.float32 and not gguf_file else {}
     try:
         with _quiet(), (_gguf_parsed_once() if gguf_file else contextlib.nullcontext()):
             tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs, **weights_dtype)
     except ImportError as e:
         raise ImportError(f"--model {spec or source}: a package needed to load it is missing: {e}") from None
     except Exception as e:  # OSError (not found, offline), ValueError (unknown architecture), ...
@@ -134,12 +138,22 @@ def load_causal_lm(spec: Optional[str | os.PathLike] = None) -> LoadedModel:
 
     if gguf_file:
         _forget_quantization(model)
-    if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
-        model = model.float()
+    if dtype == torch.float32:
+        if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+            model = model.float()
+    else:
+        _cast_parameters(model, dtype)
     model.eval()
     n = sum(p.numel() for p in model.parameters())
     description = f"{label}: {type(model).__name__}, {n / 1e6:.1f}M parameters"
     return LoadedModel(model, tokenizer, source, description)
+
+
+def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Floating-point parameters to ``dtype`` in place (tied ones stay tied); buffers are left as they are."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def _forget_quantization(model: nn.Module) -> None:

@@ -1,5 +1,5 @@
 """The adapted layers: one base class holding per-adapter A/B (:mod:`.base`), one small module per kind of base
-layer (:mod:`.linear`, :mod:`.embedding`, :mod:`.conv`), the registry that picks the class for a module
+layer (:mod:`.linear`, :mod:`.embedding`, :mod:`.conv`; :mod:`.parameter` for bare parameters such as MoE experts), the registry that picks the class for a module
 (:mod:`.registry`), row routing for mixed batches (:mod:`.rows`) and the construction shortcut
 (:mod:`.construction`). A new kind of layer is a new module here plus one ``register_lora_layer`` line.
 """
@@ -8,6 +8,8 @@ from .base import LoraLayer
 from .conv import Conv
 from .embedding import Embedding
 from .linear import Linear, is_conv1d
+from .multihead import MultiheadAttention
+from .parameter import ParamWrapper
 from .registry import is_linear, lora_layer_for, register_lora_layer
 from .rows import RowAdapters
 
@@ -16,6 +18,8 @@ __all__ = [
     "Linear",
     "Embedding",
     "Conv",
+    "ParamWrapper",
+    "MultiheadAttention",
     "RowAdapters",
     "is_conv1d",
     "is_linear",

@@ -11,14 +11,13 @@ from __future__ import annotations
 from typing import Iterable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..exact_merge import Scratch, merge_exact, unmerge_exact
 from ..ops import adapter_dtype, kaiming_uniform_, lora_delta, lora_factors, lora_scaling
 from .construction import init_module, new_module
 from .init import check_base_rewrite, restore_base
-from .rows import RowAdapters, StackCache
+from .routing import RowRouting
 from .scales import AdapterScales
 
 __all__ = ["LoraLayer", "factor_weight"]
@@ -31,7 +30,7 @@ def factor_weight(module: nn.Module) -> Tensor:
     return module.weight if weight is None else weight
 
 
-class LoraLayer(AdapterScales, nn.Module):
+class LoraLayer(AdapterScales, RowRouting, nn.Module):
     """A base layer plus any number of named low-rank adapters.
 
     Subclasses say how to build one adapter's factors (:meth:`_create_factors`), how to read them as tensors in
@@ -44,6 +43,10 @@ class LoraLayer(AdapterScales, nn.Module):
     adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B")
     #: ``True`` where the base weight is stored ``in × out``
     transpose_delta: bool = False
+    #: whether ``lora_bias=True`` (a bias on ``lora_B``) is supported: layers whose B is a module with a bias slot
+    supports_lora_bias: bool = False
+    #: whether add_weighted_adapter can combine this layer's adapters (plain ``out × r``/``r × in`` factors)
+    combinable: bool = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         init_module(self)
@@ -87,14 +90,23 @@ class LoraLayer(AdapterScales, nn.Module):
         lora_dropout: float = 0.0,
         init_lora_weights=True,
         use_rslora: bool = False,
+        lora_bias: bool = False,
     ) -> None:
-        """Add (or replace) the adapter ``adapter_name`` with rank ``r``; its weights follow ``init_lora_weights``."""
+        """Add (or replace) the adapter ``adapter_name`` with rank ``r``; its weights follow ``init_lora_weights``.
+        ``lora_bias``: ``lora_B`` gets a bias (PEFT's ``lora_B.<name>.bias``), scaled like ``B``."""
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"rank r={r!r} for adapter {adapter_name!r} is invalid: expected a positive int")
+        if lora_bias and not self.supports_lora_bias:
+            raise ValueError(f"lora_bias=True is not supported for {type(self).__name__} layers "
+                             f"({type(self.base_layer).__name__}); PEFT supports it on Linear, Conv1D and Conv layers")
         check_base_rewrite(self, adapter_name)
-        weight = self.base_layer.weight
+        weight = self.weight
         device = weight.device if weight.device.type != "meta" else torch.device("cpu")
-        self._create_factors(adapter_name, r, dtype=adapter_dtype(weight), device=device)
+        dtype = adapter_dtype(weight)
+        self._create_factors(adapter_name, r, dtype=dtype, device=device)
+        if lora_bias:
+            B = self.lora_B[adapter_name]
+            B._parameters["bias"] = nn.Parameter(torch.empty(B.weight.shape[0], dtype=dtype, device=device))
         if lora_dropout > 0:
             self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout).train(self.training)
         else:
@@ -109,6 +121,17 @@ class LoraLayer(AdapterScales, nn.Module):
         for p in self._adapter_parameters(adapter_name):
             p.requires_grad_(trainable)
         self._refresh()
+
+    def keep_base_dtype(self, adapter_name: str) -> None:
+        """Store one adapter's factors in the base weight's dtype (PEFT's ``autocast_adapter_dtype=False``): on a
+        half-precision base they are float16/bfloat16 instead of float32. The parameters stay the same objects."""
+        dtype = self.base_layer.weight.dtype
+        if not dtype.is_floating_point:
+            return
+        with torch.no_grad():
+            for p in self._adapter_parameters(adapter_name):
+                p.data = p.data.to(dtype)
+        self._stack_cache = None
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
         """PEFT's initialisations: ``True`` kaiming-uniform A and zero B; ``"gaussian"`` normal A (std 1/r) and
@@ -129,6 +152,15 @@ class LoraLayer(AdapterScales, nn.Module):
                 kaiming_uniform_(B)
             else:
                 B.zero_()
+            bias = self.lora_bias_of(adapter_name)
+            if bias is not None:  # as nn.Linear(r, out) initialises it for False, zero otherwise (PEFT)
+                bias.uniform_(-1 / self.r[adapter_name] ** 0.5, 1 / self.r[adapter_name] ** 0.5) if (
+                    init_lora_weights is False) else bias.zero_()
+
+    def lora_bias_of(self, adapter_name: str) -> Optional[Tensor]:
+        """The bias on ``lora_B`` of one adapter (``lora_bias=True``), else ``None``."""
+        B = self._modules["lora_B"]._modules.get(adapter_name)
+        return None if B is None else B._parameters.get("bias")
 
     def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         """Allocate one adapter's factors (uninitialised: :meth:`reset_lora_parameters` fills them)."""
@@ -151,66 +183,19 @@ class LoraLayer(AdapterScales, nn.Module):
     def delta_weight(self, adapter_name: str) -> Tensor:
         """``scaling · B @ A`` shaped (and oriented) like the base weight, in at least float32."""
         A, B = self.factors(adapter_name)
-        return lora_delta(A, B, self.scaling[adapter_name], self.base_layer.weight.shape, self.transpose_delta)
+        return lora_delta(A, B, self.scaling[adapter_name], self.weight.shape, self.transpose_delta)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self._modules["base_layer"](x, *args, **kwargs)  # not self.base_layer: a Python-level lookup
         if self._rows is not None:
             rows = self._rows
-            return self._add_row_outputs(out, x, rows) if any(n in self.r for n in rows.names) else out
+            rows.for_batch(x.shape[0])  # every layer checks the rows it receives, even where it adds nothing
+            if self.disable_adapters or not any(n in self.r for n in rows.names):
+                return out
+            return self._add_row_outputs(out, x, rows)
         for name in self._live:
             out = self._add_adapter_output(out, x, name)
         return out
-
-    # -- mixed batches: a different adapter per batch row ----------------------------------------------------------
-    def set_row_adapters(self, rows: Optional[RowAdapters]) -> None:
-        """Route batch rows to adapters (:mod:`lorakit.mixed_batch` sets this for one call, then ``None``)."""
-        self._rows = rows
-
-    def _add_row_outputs(self, out: Tensor, x: Tensor, rows: RowAdapters) -> Tensor:
-        """Each row gets its own adapter's output. This general version runs each adapter on its rows; layer
-        kinds with a batched path (Linear, Embedding) override it."""
-        index = rows.for_batch(x.shape[0])
-        for i, name in enumerate(rows.names, start=1):
-            if name not in self.r:
-                continue
-            picked = (index == i).nonzero().squeeze(1)
-            if picked.numel():
-                out = out.index_copy(0, picked, self._add_adapter_output(out[picked], x[picked], name))
-        return out
-
-    def _stacked_factors(self, names: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """``A`` of every adapter in ``names`` as ``(K+1, r_max, in)`` and ``scaling·B`` as ``(K+1, out, r_max)``;
-        slot 0 (the base model) and adapters this layer lacks are zeros, smaller ranks are zero-padded.
-
-        Cached while no gradient is recorded (see :class:`~lorakit.layers.rows.StackCache`).
-        """
-        present = [n for n in names if n in self.r]
-        tensors = self._factor_list(present)
-        scalings = [self.scaling.get(n) for n in names]
-        grad = torch.is_grad_enabled() or torch.compiler.is_compiling()  # a compiled graph builds its own stacks
-        if not grad and self._stack_cache is not None and self._stack_cache.matches(names, scalings, tensors):
-            return self._stack_cache.stacks
-        pairs = dict(zip(present, zip(tensors[0::2], tensors[1::2])))
-        any_A, any_B = tensors[:2]
-        r_max = max(self.r[n] for n in present)
-        As = [any_A.new_zeros(r_max, *any_A.shape[1:])]
-        Bs = [any_B.new_zeros(any_B.shape[0], r_max)]
-        for name in names:
-            if name not in pairs:
-                As.append(As[0])
-                Bs.append(Bs[0])
-            else:
-                A, B = pairs[name]
-                As.append(F.pad(A, (0, 0, 0, r_max - A.shape[0])))
-                Bs.append(F.pad(B, (0, r_max - B.shape[1])) * self.scaling[name])
-        A_stack, B_stack = torch.stack(As), torch.stack(Bs)
-        self._stack_cache = None if grad else StackCache(names, scalings, tensors, (A_stack, B_stack))
-        return A_stack, B_stack
-
-    def _factor_list(self, names: Sequence[str]) -> list[Tensor]:
-        """``[A, B, A, B, …]`` (:meth:`factors`) of the adapters ``names``, all present in this layer."""
-        return [t for n in names for t in self.factors(n)]
 
     def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
         raise NotImplementedError
@@ -236,15 +221,22 @@ class LoraLayer(AdapterScales, nn.Module):
         the shared one back."""
         return self._own_weight_of is not None
 
-    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
-        """Make ``adapter_names`` the active adapters; their parameters train, the others' don't."""
+    def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_names`` the active adapters; their parameters train (unless ``inference_mode``), the
+        others' don't (PEFT's rule)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in self.adapter_names:
-            trainable = name in names
+            trainable = name in names and not inference_mode
             for p in self._adapter_parameters(name):
                 p.requires_grad_(trainable)
         self.active_adapters = names
         self._refresh()
+
+    def set_requires_grad(self, adapter_names: Iterable[str], requires_grad: bool = True) -> None:
+        """Turn training of the named adapters' parameters on or off, active or not (PEFT's ``set_requires_grad``)."""
+        for name in adapter_names:
+            for p in self._adapter_parameters(name) if name in self.r else ():
+                p.requires_grad_(requires_grad)
 
     def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """Every parameter one adapter holds in :attr:`adapter_layer_names` (what trains while it is active)."""
@@ -298,7 +290,7 @@ class LoraLayer(AdapterScales, nn.Module):
 
     def check_finite_merge(self, adapter_names: Sequence[str]) -> None:
         """Raise ``ValueError`` if merging any of ``adapter_names`` would put inf/nan into the weight."""
-        weight = self.base_layer.weight
+        weight = self.weight
         total = weight.to(torch.promote_types(weight.dtype, torch.float32))
         for name in adapter_names:
             total = total + self.delta_weight(name)
@@ -307,6 +299,10 @@ class LoraLayer(AdapterScales, nn.Module):
                     f"merging adapter {name!r} would put non-finite values into {type(self.base_layer).__name__}'s "
                     "weight; nothing was merged"
                 )
+            bias = self.lora_bias_of(name)
+            if bias is not None and not torch.isfinite(bias).all():
+                raise ValueError(f"merging adapter {name!r} would put non-finite values into the bias; nothing was "
+                                 "merged")
 
     def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False, own_weight: bool = False,
               scratch: Optional[Scratch] = None, reversible: bool = True):
@@ -332,8 +328,7 @@ class LoraLayer(AdapterScales, nn.Module):
             self._own_weight_of = shared
         scratch = scratch or Scratch()
         for name in names:
-            self._fixups[name] = merge_exact(self.base_layer.weight.data, *self._merge_factors(name), scratch,
-                                             record=reversible)
+            self._fixups[name] = self._merge_one(name, scratch, reversible)
             self.merged_adapters.append(name)
         self._refresh()
 
@@ -346,11 +341,47 @@ class LoraLayer(AdapterScales, nn.Module):
         scratch = scratch or Scratch()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            unmerge_exact(self.base_layer.weight.data, *self._merge_factors(name), self._fixups.pop(name), scratch)
+            self._unmerge_one(name, self._fixups.pop(name), scratch)
         if self._own_weight_of is not None:
             self.base_layer.weight = self._own_weight_of
             self._own_weight_of = None
         self._refresh()
+
+    def _merge_one(self, adapter_name: str, scratch: Scratch, reversible: bool):
+        """Fold one adapter into the weight; returns what :meth:`_unmerge_one` needs (``None`` if not
+        ``reversible``)."""
+        record = merge_exact(self.weight.data, *self._merge_factors(adapter_name), scratch, record=reversible)
+        if self.lora_bias_of(adapter_name) is None:
+            return record
+        base = self.base_layer
+        created = base.bias is None  # the base has no bias: merging gives it one, unmerging takes it away
+        if created:
+            weight = self.weight
+            base.bias = nn.Parameter(weight.new_zeros(weight.shape[1 if self.transpose_delta else 0]),
+                                     requires_grad=False)
+        bias_record = merge_exact(base.bias.data, *self._bias_factors(adapter_name), scratch, record=reversible)
+        return (record, bias_record, created) if reversible else None
+
+    def _unmerge_one(self, adapter_name: str, record, scratch: Scratch) -> None:
+        """Take one adapter merged by :meth:`_merge_one` back out, bit for bit."""
+        if self.lora_bias_of(adapter_name) is None:
+            unmerge_exact(self.weight.data, *self._merge_factors(adapter_name), record, scratch)
+            return
+        record, bias_record, created = record
+        unmerge_exact(self.weight.data, *self._merge_factors(adapter_name), record, scratch)
+        unmerge_exact(self.base_layer.bias.data, *self._bias_factors(adapter_name), bias_record, scratch)
+        if created:
+            self.base_layer.bias = None
+
+    def _bias_factors(self, adapter_name: str) -> tuple[Tensor, Tensor, float]:
+        """``s · b`` as a product ``(b as a column) @ [[1]] · s``, for merging it exactly like a weight."""
+        bias = self.lora_bias_of(adapter_name).detach()
+        dtype = torch.promote_types(bias.dtype, torch.float32)
+        return bias.to(dtype).view(-1, 1), torch.ones(1, 1, dtype=dtype, device=bias.device), self.scaling[adapter_name]
+
+    def unwrapped(self) -> nn.Module:
+        """The module to put back in this layer's place when unloading (merged or unmerged before)."""
+        return self.base_layer
 
     def _merge_factors(self, adapter_name: str) -> tuple[Tensor, Tensor, float]:
         """:func:`lora_factors` of one adapter, for merge and unmerge."""

@@ -20,6 +20,8 @@ class Conv(LoraLayer):
     own weight, so the LoRA branch sees exactly the input transformation the base applies.
     """
 
+    supports_lora_bias = True  # B is a 1×1 conv: its bias is applied (and scaled) with it
+
     def __init__(self, base_layer: nn.modules.conv._ConvNd) -> None:
         super().__init__(base_layer)
         vars(self).update(in_features=base_layer.in_channels, out_features=base_layer.out_channels,

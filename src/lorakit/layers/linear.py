@@ -36,6 +36,8 @@ def is_conv1d(module: nn.Module) -> bool:
 class Linear(LoraLayer):
     """``nn.Linear`` and transformers' GPT-2 ``Conv1D`` (weight stored ``in × out``, detected by class)."""
 
+    supports_lora_bias = True
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         transpose = is_conv1d(base_layer)
@@ -90,8 +92,11 @@ class Linear(LoraLayer):
             x = x.to(A.dtype)
         p = self.dropout_p[adapter_name]
         if p and self.training:
-            return add_dropped_lora(out, x, A, B, self.scaling[adapter_name], p)
-        return add_lora(out, F.linear(x, A), B, self.scaling[adapter_name])
+            out = add_dropped_lora(out, x, A, B, self.scaling[adapter_name], p)
+        else:
+            out = add_lora(out, F.linear(x, A), B, self.scaling[adapter_name])
+        bias = self._modules["lora_B"]._modules[adapter_name]._parameters.get("bias")
+        return out if bias is None else out + (bias * self.scaling[adapter_name]).to(out.dtype)
 
     def _factor_list(self, names: Sequence[str]) -> list[Tensor]:
         """As the base class's, read in one loop without a method call per adapter: a mixed batch reads every
@@ -113,4 +118,12 @@ class Linear(LoraLayer):
             if p.any():
                 p = p.view(-1, *([1] * (x.dim() - 1)))
                 x = x * torch.bernoulli((1 - p).expand_as(x)) / (1 - p)
-        return add_lora_rows(out, x, rows.rows_of(A_stack, x.shape[0]), rows.rows_of(B_stack, x.shape[0]))
+        out = add_lora_rows(out, x, rows.rows_of(A_stack, x.shape[0]), rows.rows_of(B_stack, x.shape[0]))
+        biases = [self.lora_bias_of(n) if n in self.r else None for n in rows.names]
+        if all(b is None for b in biases):
+            return out
+        zero = out.new_zeros(out.shape[-1])  # lora_bias adapters: each row adds its adapter's s·b
+        stack = torch.stack([zero] + [zero if b is None else (b * self.scaling[n]).to(out.dtype)
+                                      for n, b in zip(rows.names, biases)])
+        per_row = rows.rows_of(stack, x.shape[0])
+        return out + per_row.view(per_row.shape[0], *([1] * (out.dim() - 2)), out.shape[-1])

@@ -10,6 +10,7 @@ from .base import LoraLayer
 from .conv import Conv
 from .embedding import Embedding
 from .linear import Linear, is_conv1d
+from .multihead import MultiheadAttention
 
 __all__ = ["register_lora_layer", "lora_layer_for", "is_linear"]
 
@@ -20,6 +21,7 @@ _REGISTRY: dict[type, Callable[[nn.Module], LoraLayer]] = {
     nn.Conv1d: Conv,
     nn.Conv2d: Conv,
     nn.Conv3d: Conv,
+    nn.MultiheadAttention: MultiheadAttention,
 }
 
 

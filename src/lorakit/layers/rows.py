@@ -20,8 +20,10 @@ __all__ = ["RowAdapters", "StackCache"]
 class RowAdapters:
     """Which adapter each batch row uses in a mixed batch: ``index[n] = i`` means ``names[i-1]``; 0 is the base.
 
-    A layer that sees ``k`` times as many rows (beam search, ``num_return_sequences``, or tokens flattened
-    batch-major) gives each original row's adapter to its ``k`` consecutive copies.
+    Every layer checks the rows it actually receives against the list (:meth:`for_batch`), so a list of the wrong
+    length is an error whatever the input is called. With ``copies`` (``generate``, after checking the prompts'
+    count), a layer that sees ``k`` times as many rows (beam search, ``num_return_sequences``) gives each prompt's
+    adapter to its ``k`` consecutive copies.
     """
 
     names: tuple[str, ...]
@@ -29,12 +31,15 @@ class RowAdapters:
     #: row ``n`` uses the ``n``-th distinct adapter (a typical multi-tenant decode batch): the stacked factors
     #: are then already in row order and need no per-row gather
     in_order: bool = False
+    #: layers may see each row repeated ``k`` times in a row (``generate``'s beams and returned sequences)
+    copies: bool = False
 
     @classmethod
-    def from_names(cls, adapter_names: Sequence[str], base: str, device: torch.device) -> "RowAdapters":
+    def from_names(cls, adapter_names: Sequence[str], base: str, device: torch.device,
+                   copies: bool = False) -> "RowAdapters":
         names = tuple(dict.fromkeys(n for n in adapter_names if n != base))
         index = torch.tensor([0 if n == base else names.index(n) + 1 for n in adapter_names], device=device)
-        return cls(names, index, in_order=list(adapter_names) == list(names))
+        return cls(names, index, in_order=list(adapter_names) == list(names), copies=copies)
 
     def rows_of(self, stack: Tensor, n: int) -> Tensor:
         """``stack[index]`` for a batch of ``n`` rows; a view of ``stack``, not a copy, when rows are in order."""
@@ -43,12 +48,16 @@ class RowAdapters:
         return stack[self.for_batch(n)]
 
     def for_batch(self, n: int) -> Tensor:
+        """Each of a layer's ``n`` input rows' adapter index; ``ValueError`` if ``n`` does not fit the list."""
         rows = self.index.shape[0]
         if n == rows:
             return self.index
-        if n % rows == 0:
+        if self.copies and n % rows == 0:
             return self.index.repeat_interleave(n // rows)
-        raise ValueError(f"adapter_names has {rows} entries but a layer received a batch of {n} rows")
+        raise ValueError(
+            f"adapter_names has {rows} entries for a batch of {n} rows (as an adapted layer received it); expected one "
+            "adapter name per batch row"
+        )
 
 
 _version = operator.attrgetter("_version")

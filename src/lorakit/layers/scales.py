@@ -41,6 +41,12 @@ class AdapterScales:
     merged_adapters: list
     active_adapters: list
 
+    @property
+    def scalable(self) -> bool:
+        """Whether the layer's update is a scaled low-rank product (a layer holding rows of values, such as
+        trainable tokens, says ``combinable = False`` and has no scale to set)."""
+        return getattr(self, "combinable", True)
+
     def base_scaling(self, adapter: str) -> float:
         """The adapter's scaling at multiplier 1: ``lora_alpha / r`` (rsLoRA: ``/ sqrt(r)``)."""
         return lora_scaling(self.lora_alpha[adapter], self.r[adapter], self.use_rslora.get(adapter, False))
@@ -54,6 +60,8 @@ class AdapterScales:
     def set_scaling(self, adapter: str, value: float) -> None:
         """Write the adapter's scaling: in place if it is a tensor (compiled graphs keep reading the same one)."""
         current = self.scaling[adapter]
+        if not self.scalable and float(current) != value:
+            raise ValueError(f"{type(self).__name__} holds values, not a scaled low-rank update: it has no scale to set")
         if adapter in self.merged_adapters and float(current) != value:
             raise ValueError(
                 f"adapter {adapter!r} is merged into {type(self).__name__}'s weight; unmerge_adapter() before "

@@ -1,10 +1,12 @@
-"""``lorakit finetune``: LoRA fine-tuning of a causal language model on chat data, on a CPU, with a report.
+"""``lorakit finetune``: LoRA fine-tuning of a causal language model on chat data, with a report; on the CPU,
+a CUDA GPU or Apple's MPS (``--device``, ``--dtype``: :mod:`lorakit.cli.device`).
 
 One run: read and split the data, load the model, add LoRA, score the held-out answers, train, score again,
 save the adapter (PEFT's format), a loss curve and ``metrics.json``, then merge the adapter into the model and
 score once more (the merged model must score as the adapted one did).
 
-Two things keep it fast on a small CPU:
+Two things keep it fast on a small CPU (both exact on every device; the second in float32 only, see
+:func:`.prepare.prepare_run`):
 
 - logits are computed only where a loss is taken (the answer tokens), not over the whole 49k-word vocabulary at
   every position;
@@ -21,28 +23,32 @@ The run goes in phases, one module each: :mod:`.settings` (the options and their
 model, LoRA, ``--resume``), :mod:`.score` (answer-token logits, held-out metrics, sample answers), :mod:`.train`
 (schedule, batches, the loop), :mod:`.checkpoints` (written during training, read by ``--resume``) and
 :mod:`.report` (scores after training and merging, the adapter, ``loss.png``, ``metrics.json``). :func:`run`
-chains them.
+chains them; with ``--eval-only`` it scores an existing adapter instead (:mod:`.eval_only`). The settings can
+come from a recipe file (:mod:`lorakit.cli.recipe`); the run saves its own as ``recipe.yaml``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Collection, Optional
 
 import lorakit.distributed as distributed
 
-from .checkpoints import CHECKPOINTS, LATEST, STATE_FILE, latest_checkpoint, resume_state, save_checkpoint
+from ..device import out_of_memory_as_error
+from .checkpoints import CHECKPOINTS, LATEST, RECIPE_FILE, STATE_FILE, latest_checkpoint, resume_state, save_checkpoint
+from .eval_only import score_adapter
 from .prepare import Prepared, lora_config, prepare_run
 from .report import plot_losses, write_report
 from .score import Scores, answer_logits, answers, evaluate, prefix_sharing_works, score_held_out, shared_prefix_len
-from .settings import RUN_IDENTITY, Settings, default_out
+from .settings import RECIPE_KEYS, RUN_IDENTITY, Settings, default_out
 from .train import BatchPlan, Trained, learning_rate, train_run
 
 __all__ = [
-    "BatchPlan", "CHECKPOINTS", "LATEST", "Prepared", "RUN_IDENTITY", "STATE_FILE", "Scores", "Settings", "Trained",
-    "answer_logits", "answers", "default_out", "evaluate", "latest_checkpoint", "learning_rate", "lora_config",
-    "plot_losses", "prefix_sharing_works", "prepare_run", "resume_state", "run", "save_checkpoint", "score_held_out",
-    "shared_prefix_len", "train_run", "write_report",
+    "BatchPlan", "CHECKPOINTS", "LATEST", "Prepared", "RECIPE_FILE", "RECIPE_KEYS", "RUN_IDENTITY", "STATE_FILE",
+    "Scores", "Settings", "Trained", "answer_logits", "answers", "default_out", "evaluate", "latest_checkpoint",
+    "learning_rate", "lora_config", "plot_losses", "prefix_sharing_works", "prepare_run", "resume_state", "run",
+    "save_checkpoint", "score_adapter", "score_held_out", "shared_prefix_len", "train_run", "write_report",
 ]
 
 
@@ -51,12 +57,15 @@ def _quiet(line: str) -> None:
 
 
 def run(settings: Settings, log: Callable[[str], None] = print,
-        on_step: Optional[Callable[[int, float], None]] = None, explicit: Optional[set[str]] = None) -> dict[str, Any]:
-    """Fine-tune as ``settings`` say; returns the metrics written to ``metrics.json``.
+        on_step: Optional[Callable[[int, float], None]] = None,
+        explicit: Optional[Collection[str]] = None) -> dict[str, Any]:
+    """Fine-tune as ``settings`` say; returns the metrics written to ``metrics.json`` (with ``eval_only``: score
+    ``settings.adapter`` and return its metrics, training nothing).
 
     ``on_step(step, loss)`` is called after each optimizer step (and after its checkpoint, if one is due).
-    ``explicit`` names the settings the user gave (the CLI's case): with ``--resume`` the others are taken from
-    the run being continued. ``None`` means all were given.
+    ``explicit`` names the settings the user gave (the CLI's case; a mapping from name to the recipe file or
+    command line that gave it): with ``--resume`` the others are taken from the run being continued. ``None``
+    means all were given. Running out of memory on the device is a one-line ``DeviceOutOfMemoryError``.
 
     In a process group (``torchrun``; the CLI joins it) each process trains on its share of every batch and
     the gradients are summed over the processes, so the steps are those of one process on the whole batch. Rank 0
@@ -67,7 +76,16 @@ def run(settings: Settings, log: Callable[[str], None] = print,
     rank = distributed.rank()
     if rank:
         log = _quiet
+    with out_of_memory_as_error(settings, [f.name for f in dataclasses.fields(settings)]):
+        return _run(settings, explicit, log, on_step, t_start, cpu_start)
+
+
+def _run(settings: Settings, explicit: Optional[Collection[str]], log: Callable[[str], None],
+         on_step: Optional[Callable[[int, float], None]], t_start: float, cpu_start: float) -> dict[str, Any]:
+    rank = distributed.rank()
     prep = prepare_run(settings, explicit, log)
+    if settings.eval_only:
+        return {} if rank else score_adapter(prep, log, t_start)
     if prep.saved is not None:
         before = Scores(prep.saved["before"], prep.saved["before_answers"])
         log(f"resume    from {prep.checkpoint} (step {prep.saved['step']} of {settings.steps})")

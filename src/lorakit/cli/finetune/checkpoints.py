@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Collection, Mapping, Optional
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from .settings import Settings
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
+RECIPE_FILE = "recipe.yaml"  # the run's resolved settings, beside the adapter; ``-c`` reads it back
 
 
 def latest_checkpoint(out: Path) -> Optional[Path]:
@@ -54,11 +55,24 @@ def save_checkpoint(out: Path, model: nn.Module, state: dict[str, Any]) -> Path:
     return final
 
 
-def resume_state(settings: Settings, out: Path, explicit: Optional[set[str]]) -> tuple[Optional[Path], Optional[dict]]:
+def write_recipe(out: Path, settings: Settings) -> Path:
+    """Save ``settings``' recipe keys as ``out/recipe.yaml``, a file ``lorakit finetune -c`` reads."""
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RECIPE_FILE
+    header = f"# lorakit finetune recipe: the settings of the run in {out}; repeat it with lorakit finetune -c {path}\n"
+    atomic_write_text(path, header + yaml.safe_dump(settings.recipe(), sort_keys=False))
+    return path
+
+
+def resume_state(settings: Settings, out: Path,
+                 explicit: Optional[Collection[str]]) -> tuple[Optional[Path], Optional[dict]]:
     """The checkpoint to continue from (with ``--resume``), after taking the run's settings from it.
 
-    Settings the user did not give come from the checkpoint; one given with another value is an error, since
-    the continued run would no longer be the one that was started.
+    Settings the user did not give (not in ``explicit``; ``None``: all were given) come from the checkpoint; one
+    given with another value is an error naming it (and, when ``explicit`` maps names to where they came from,
+    the recipe file or command line that gave it), since the continued run would no longer be the one that was started.
     """
     checkpoint = latest_checkpoint(out)
     if not settings.resume:
@@ -72,13 +86,23 @@ def resume_state(settings: Settings, out: Path, explicit: Optional[set[str]]) ->
         raise FileNotFoundError(f"--resume: {out} holds no checkpoint to continue from (no {out / CHECKPOINTS / LATEST})")
     saved = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     differ = []
+    origin = explicit if isinstance(explicit, Mapping) else {}
     for key, value in saved["settings"].items():
         if explicit is not None and key not in explicit:
             setattr(settings, key, value)
         elif getattr(settings, key) != value:
-            differ.append(f"--{key.replace('_', '-')} was {value!r}, now {getattr(settings, key)!r}")
+            where = f" (from {origin[key]})" if key in origin else ""
+            differ.append(f"--{key.replace('_', '-')} was {value!r}, now {getattr(settings, key)!r}{where}")
     if differ:
         raise ValueError(f"--resume: the run in {out} was started with other settings ({'; '.join(differ)}); "
                          "resume with the same settings, or start a new run with another --out")
     settings.check()
     return checkpoint, saved
+
+
+def check_resumed_dtype(saved: Optional[dict], dtype: str, out: Path) -> None:
+    """A resumed run's base model must be in the dtype it trained in (``--dtype auto`` may resolve to another
+    one on another device)."""
+    if saved is not None and saved.get("dtype", dtype) != dtype:
+        raise ValueError(f"--resume: the run in {out} trained its base model in {saved['dtype']}, here it would be "
+                         f"{dtype}: pass --dtype {saved['dtype']}")

@@ -6,18 +6,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Collection, Optional
 
 import torch
 from torch import nn
 
 import lorakit.cli.data as D
+import lorakit.distributed as distributed
 from lorakit.config import LoraConfig
 from lorakit.peft_model import PeftModel, get_peft_model
 from lorakit.targeting import list_entry_matches
 
+from ..device import Placement
+from ..device import resolve as resolve_placement
 from ..loading import LoadedModel, load_causal_lm
-from .checkpoints import resume_state
+from .checkpoints import check_resumed_dtype, resume_state, write_recipe
 from .score import Scores, prefix_sharing_works, score_held_out, shared_prefix_len
 from .settings import Settings, default_out
 
@@ -27,6 +30,7 @@ class Prepared:
     """A run ready to be scored and trained: what the later phases (score, train, report) work on."""
 
     settings: Settings
+    placement: Placement  # the device and the base model's dtype
     out: Path
     checkpoint: Optional[Path]  # the checkpoint continued from (--resume), else None
     saved: Optional[dict[str, Any]]  # its training state
@@ -49,11 +53,14 @@ class Prepared:
                               self.prefix_len, self.settings.max_new_tokens)
 
 
-def prepare_run(settings: Settings, explicit: Optional[set[str]], log: Callable[[str], None]) -> Prepared:
-    """Resolve ``--out`` and ``--resume``, read and split the data, load the model, encode the examples and add
-    LoRA (or load it from the checkpoint); log what was set up."""
+def prepare_run(settings: Settings, explicit: Optional[Collection[str]], log: Callable[[str], None]) -> Prepared:
+    """Resolve ``--out`` and ``--resume``, read and split the data, load the model onto the device, encode the
+    examples and add LoRA (or load it from the checkpoint, or ``--adapter`` with ``--eval-only``); log what was
+    set up. A training run's recipe is saved in ``--out``."""
     out = Path(settings.out) if settings.out else default_out(settings)
-    checkpoint, saved = resume_state(settings, out, explicit)
+    checkpoint, saved = (None, None) if settings.eval_only else resume_state(settings, out, explicit)
+    placement = resolve_placement(settings.device, settings.dtype)
+    check_resumed_dtype(saved, placement.dtype_name, out)
     if settings.threads:
         torch.set_num_threads(settings.threads)
 
@@ -67,8 +74,10 @@ def prepare_run(settings: Settings, explicit: Optional[set[str]], log: Callable[
     model_label = Path(settings.model).name if settings.model else "SmolLM2-135M-Instruct"
 
     t_load = time.perf_counter()
-    loaded = load_causal_lm(settings.model)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    loaded = load_causal_lm(settings.model, placement.dtype)
+    if placement.device.type == "cuda":
+        torch.cuda.set_device(placement.device)  # NCCL (torchrun) and the default stream follow it
+    model, tokenizer = loaded.model.to(placement.device), loaded.tokenizer
     seconds_load = time.perf_counter() - t_load
     fallback_template = D.ensure_chat_template(tokenizer)
     train, dropped_train = D.encode_all(tokenizer, train_chats, settings.max_length)
@@ -79,19 +88,29 @@ def prepare_run(settings: Settings, explicit: Optional[set[str]], log: Callable[
     prefix_len = shared_prefix_len(train + held)
     pad_id = D.pad_id_of(tokenizer)
 
-    config = lora_config(settings, model, loaded.source)  # the source: `lorakit merge` finds the base by it
-    if saved is not None:
+    if settings.eval_only:
+        model = PeftModel.from_pretrained(model, settings.adapter)
+    elif saved is not None:
         model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
     else:
+        config = lora_config(settings, model, loaded.source)  # the source: `lorakit merge` finds the base by it
         torch.manual_seed(settings.seed)
         model = get_peft_model(model, config)
-    prep = Prepared(settings, out, checkpoint, saved, data_label, model_label, loaded.source, model, tokenizer, train,
-                    held, D.distinct_questions(held_chats, settings.samples), pad_id, prefix_len,
+    prep = Prepared(settings, placement, out, checkpoint, saved, data_label, model_label, loaded.source, model,
+                    tokenizer, train, held, D.distinct_questions(held_chats, settings.samples), pad_id, prefix_len,
                     2 * settings.batch_size, seconds_load)
     _log_setup(prep, log, loaded, len(chats), dropped_train + dropped_held, fallback_template)
+    if not settings.eval_only and distributed.rank() == 0:
+        write_recipe(out, settings)
 
     probe = D.collate(held[:2], pad_id)  # two real examples: enough to see a model whose cache differs
-    if prefix_len and not prefix_sharing_works(model, probe, prefix_len):
+    if prefix_len and placement.dtype != torch.float32:
+        # In half precision the cached and the plain logits differ by rounding as much as a subtly wrong cache
+        # would make them differ (SmolLM2 in bf16: 3% of the largest logit; one changed prefix token: 6%), so the
+        # check below cannot vouch for the cache: the plain computation is used.
+        log(f"          (the shared opening is recomputed per row: its check needs float32, not {placement.dtype_name})")
+        prep.prefix_len = 0
+    elif prefix_len and not prefix_sharing_works(model, probe, prefix_len):
         log("          (the shared opening is recomputed per row: this model's cache did not reproduce its logits)")
         prep.prefix_len = 0
     return prep
@@ -105,11 +124,19 @@ def _log_setup(prep: Prepared, log: Callable[[str], None], loaded: LoadedModel, 
     mean_len = sum(len(e.input_ids) for e in train) / len(train)
     mean_learned = sum(e.n_learned for e in train) / len(train)
     log(f"model     {loaded.description} (loaded in {prep.seconds_load:.1f} s)")
+    log(f"device    {prep.placement.describe()}")
     log(f"data      {prep.data_label}: {n_chats} examples -> {len(train)} train, {len(held)} held out"
         + (f" ({dropped} dropped: no answer token within --max-length)" if dropped else "")
         + f"; {mean_len:.1f} tokens per example, {mean_learned:.1f} learned")
     log(f"template  {'lorakit fallback (the tokenizer has none)' if fallback_template else 'the model chat template'}; "
         f"{prep.prefix_len} opening tokens shared by all examples")
+    if settings.eval_only:
+        c = model.peft_config["default"]
+        targets = c.target_modules if isinstance(c.target_modules, str) else ",".join(sorted(c.target_modules))
+        size = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        log(f"adapter   {settings.adapter}: r={c.r} alpha={c.lora_alpha:g} on {n_layers} modules ({targets}), "
+            f"{size:,} parameters; scored without training")
+        return
     log(f"lora      r={settings.r} alpha={settings.alpha:g} dropout={settings.dropout:g} on {n_layers} modules "
         f"({settings.targets}): {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
     log(f"train     {settings.steps} steps x {settings.batch_size} examples, AdamW lr {settings.lr:g} "

@@ -37,13 +37,18 @@ def _base(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def answer_logits(model: nn.Module, batch: dict[str, Tensor], prefix_len: int = 0) -> tuple[Tensor, Tensor]:
     """``(logits, targets)`` at the positions whose next token is learned: ``(N, vocab)`` and ``(N,)``.
 
     With ``prefix_len`` > 0, the first ``prefix_len`` tokens (the same in every row) run once and reach the rest
     of the batch as a key/value cache; none of them may predict a learned token.
     """
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    device = _device_of(model)
+    ids, mask, labels = batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device)
     learned = labels[:, 1:] != D.IGNORE_INDEX  # position t predicts token t + 1
     keep = F.pad(learned, (0, 1), value=False)
     targets = labels[:, 1:][learned]
@@ -99,6 +104,12 @@ def prefix_sharing_works(model: nn.Module, batch: dict[str, Tensor], prefix_len:
     return shared.shape == plain.shape and bool(((shared - plain).abs().max() / scale) <= 1e-4)
 
 
+def agreement(dtype: torch.dtype) -> float:
+    """How closely (relative) two exact ways of computing a score in ``dtype`` agree: 1e-4 in float32; in half
+    precision a few units of its rounding (bfloat16 keeps 8 bits, float16 11)."""
+    return max(1e-4, 4 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-4
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: Sequence[D.Encoded], batch_size: int, pad_id: int, prefix_len: int = 0):
     """Held-out perplexity and next-token accuracy over the learned (answer) tokens, all tokens weighted alike."""
@@ -108,7 +119,7 @@ def evaluate(model: nn.Module, examples: Sequence[D.Encoded], batch_size: int, p
     correct = count = 0
     for indices in D.length_batches(examples, batch_size):
         logits, targets = answer_logits(model, D.collate([examples[i] for i in indices], pad_id), prefix_len)
-        nll += F.cross_entropy(logits.float(), targets, reduction="sum").double()
+        nll += F.cross_entropy(logits.float(), targets, reduction="sum").double().cpu()
         correct += int((logits.argmax(-1) == targets).sum())
         count += int(targets.numel())
     model.train(was_training)
@@ -125,14 +136,15 @@ def answers(model: nn.Module, tokenizer, chats: Sequence[D.Chat], max_new_tokens
     model.eval()
     prompts = [D.prompt_ids(tokenizer, c) for c in chats]
     width, pad = max(map(len, prompts)), D.pad_id_of(tokenizer)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = _device_of(model)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad)
     model.train(was_training)
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    return [tokenizer.decode(row[width:].tolist(), skip_special_tokens=True).strip() for row in out]
 
 
 @dataclass

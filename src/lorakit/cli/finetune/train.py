@@ -77,35 +77,39 @@ def train_run(prep: Prepared, before: Scores, on_step: Optional[Callable[[int, f
         optimizer.load_state_dict(prep.saved["optimizer"])
         losses, start, seconds_train = list(prep.saved["losses"]), prep.saved["step"], prep.saved["seconds_train"]
         torch.set_rng_state(prep.saved["rng"])
+        if "cuda_rng" in prep.saved and prep.placement.device.type == "cuda":
+            torch.cuda.set_rng_state(prep.saved["cuda_rng"], prep.placement.device)
     else:
         torch.manual_seed(settings.seed)
 
     def state(step: int) -> dict[str, Any]:
-        return {"step": step, "settings": settings.identity(), "optimizer": optimizer.state_dict(), "losses": losses,
-                "before": before.metrics, "before_answers": before.answers, "rng": torch.get_rng_state(),
-                "seconds_train": seconds_train + time.perf_counter() - t_train}
+        saved = {"step": step, "settings": settings.identity(), "optimizer": optimizer.state_dict(), "losses": losses,
+                 "before": before.metrics, "before_answers": before.answers, "rng": torch.get_rng_state(),
+                 "seconds_train": seconds_train + time.perf_counter() - t_train, "dtype": prep.placement.dtype_name}
+        if prep.placement.device.type == "cuda":  # dropout draws from the GPU's generator there
+            saved["cuda_rng"] = torch.cuda.get_rng_state(prep.placement.device)
+        return saved
 
     model.train()
     t_train = time.perf_counter()
     tokens_seen = 0
-    bar = tqdm(total=settings.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, leave=True,
-               disable=rank != 0)
-    for step in range(start, settings.steps):
-        rows = plan(step)[rank::world]  # this process's share of the batch (all of it with one process)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, settings.steps, settings.lr)
-        loss, n_tokens = _step(model, params, optimizer, [prep.train[i] for i in rows], prep)
-        losses.append(loss)
-        tokens_seen += n_tokens
-        elapsed = time.perf_counter() - t_train
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}", refresh=False)
-        bar.update(1)
-        done = step + 1
-        if rank == 0 and ((settings.save_every and done % settings.save_every == 0) or done == settings.steps):
-            save_checkpoint(prep.out, model, state(done))
-        if on_step is not None:
-            on_step(done, losses[-1])
-    bar.close()
+    with tqdm(total=settings.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, leave=True,
+              disable=rank != 0) as bar:  # closed (its line ended) also when a step fails
+        for step in range(start, settings.steps):
+            rows = plan(step)[rank::world]  # this process's share of the batch (all of it with one process)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, settings.steps, settings.lr)
+            loss, n_tokens = _step(model, params, optimizer, [prep.train[i] for i in rows], prep)
+            losses.append(loss)
+            tokens_seen += n_tokens
+            elapsed = time.perf_counter() - t_train
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}", refresh=False)
+            bar.update(1)
+            done = step + 1
+            if rank == 0 and ((settings.save_every and done % settings.save_every == 0) or done == settings.steps):
+                save_checkpoint(prep.out, model, state(done))
+            if on_step is not None:
+                on_step(done, losses[-1])
     seconds_train += time.perf_counter() - t_train
     model.eval()
     return Trained(losses, seconds_train)

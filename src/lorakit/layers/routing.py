@@ -1,0 +1,71 @@
+"""Mixed-batch routing inside an adapted layer: each batch row gets its own adapter's output.
+
+A mixin of :class:`~lorakit.layers.LoraLayer` (it reads the layer's ``r``, ``scaling`` and factors): the general
+per-adapter path, and the stacked factors (zero-padded to one rank, cached while no gradient is recorded) that the
+batched paths of Linear and Embedding multiply with. The request itself is checked in :mod:`lorakit.mixed_batch`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .rows import RowAdapters, StackCache
+
+__all__ = ["RowRouting"]
+
+
+class RowRouting:
+    """The mixed-batch part of an adapted layer (see the module docstring)."""
+
+    def set_row_adapters(self, rows: Optional[RowAdapters]) -> None:
+        """Route batch rows to adapters (:mod:`lorakit.mixed_batch` sets this for one call, then ``None``)."""
+        self._rows = rows
+
+    def _add_row_outputs(self, out: Tensor, x: Tensor, rows: RowAdapters) -> Tensor:
+        """Each row gets its own adapter's output. This general version runs each adapter on its rows; layer
+        kinds with a batched path (Linear, Embedding) override it."""
+        index = rows.for_batch(x.shape[0])
+        for i, name in enumerate(rows.names, start=1):
+            if name not in self.r:
+                continue
+            picked = (index == i).nonzero().squeeze(1)
+            if picked.numel():
+                out = out.index_copy(0, picked, self._add_adapter_output(out[picked], x[picked], name))
+        return out
+
+    def _stacked_factors(self, names: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``A`` of every adapter in ``names`` as ``(K+1, r_max, in)`` and ``scaling·B`` as ``(K+1, out, r_max)``;
+        slot 0 (the base model) and adapters this layer lacks are zeros, smaller ranks are zero-padded.
+
+        Cached while no gradient is recorded (see :class:`~lorakit.layers.rows.StackCache`).
+        """
+        present = [n for n in names if n in self.r]
+        tensors = self._factor_list(present)
+        scalings = [self.scaling.get(n) for n in names]
+        grad = torch.is_grad_enabled() or torch.compiler.is_compiling()  # a compiled graph builds its own stacks
+        if not grad and self._stack_cache is not None and self._stack_cache.matches(names, scalings, tensors):
+            return self._stack_cache.stacks
+        pairs = dict(zip(present, zip(tensors[0::2], tensors[1::2])))
+        any_A, any_B = tensors[:2]
+        r_max = max(self.r[n] for n in present)
+        As = [any_A.new_zeros(r_max, *any_A.shape[1:])]
+        Bs = [any_B.new_zeros(any_B.shape[0], r_max)]
+        for name in names:
+            if name not in pairs:
+                As.append(As[0])
+                Bs.append(Bs[0])
+            else:
+                A, B = pairs[name]
+                As.append(F.pad(A, (0, 0, 0, r_max - A.shape[0])))
+                Bs.append(F.pad(B, (0, r_max - B.shape[1])) * self.scaling[name])
+        A_stack, B_stack = torch.stack(As), torch.stack(Bs)
+        self._stack_cache = None if grad else StackCache(names, scalings, tensors, (A_stack, B_stack))
+        return A_stack, B_stack
+
+    def _factor_list(self, names: Sequence[str]) -> list[Tensor]:
+        """``[A, B, A, B, …]`` (:meth:`factors`) of the adapters ``names``, all present in this layer."""
+        return [t for n in names for t in self.factors(n)]

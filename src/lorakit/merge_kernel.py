@@ -1,0 +1,132 @@
+"""The exact merge as one compiled pass per weight (numba, CPU), for :mod:`lorakit.exact_merge`.
+
+Optional: ``pip install lorakit[fast]`` installs numba; without it (or on another device, or for dtypes other than
+float32/bfloat16/float16 weights with a float32 update) :mod:`lorakit.exact_merge` does the same in eager PyTorch
+passes. The two give the same bits: the arithmetic here is PyTorch's, element by element. ``W + Δ`` (and
+``W − Δ``) is summed in float32 and rounded once to the weight's dtype (round to nearest even), ``Δ`` is the float32
+product times ``float32(scale)``, and every difference of bit patterns wraps in the weight's integer width.
+
+One pass reads each element of the weight and of the product once: it adds, subtracts again, compares the bit
+patterns, writes the merged value and appends the element to the record when it does not come back (see
+:class:`lorakit.exact_merge.MergeRecord`). Where a merged value is not finite (inf/nan: PyTorch's NaN bit
+patterns depend on which of its loops produced them) the pass stops, puts back what it changed and says so; the
+caller then takes the eager path. Unmerging is one pass too (subtract, then add the recorded steps back), with the
+same rule for non-finite values.
+
+numba is not imported with lorakit. The first merge starts a background thread that imports it and loads the
+compiled passes (compiled once per installation and cached on disk by numba's ``cache=True``: tens of seconds of
+one core the first time, 1–2 s afterwards); merges run the eager way until they are ready, so no merge waits for a
+compiler.
+:func:`ready` waits for them.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "ready", "supports", "merge", "unmerge"]
+
+BLOCK = 1 << 16  # positions are 16-bit offsets inside blocks of this many elements (as in exact_merge)
+_KINDS = {torch.float32: (torch.int32, 0), torch.bfloat16: (torch.int16, 1), torch.float16: (torch.int16, 2)}
+_state: dict = {}
+_lock = threading.Lock()
+
+
+def available() -> bool:
+    """Whether the compiled passes are loaded (starts loading them in the background if nothing has yet)."""
+    if "kernels" not in _state:
+        _start_loading()
+    return bool(_state.get("kernels"))
+
+
+def ready(timeout: Optional[float] = None) -> bool:
+    """Wait (at most ``timeout`` seconds) until the compiled passes are loaded or known to be unavailable (numba not
+    installed); whether they can be used."""
+    available()
+    _state["loaded"].wait(timeout)
+    return bool(_state.get("kernels"))
+
+
+def supports(weight: Tensor, delta: Tensor) -> bool:
+    """Whether the compiled pass handles this weight and product: plain contiguous CPU tensors (no subclass such as
+    a DTensor), a float32/bfloat16/float16 weight, a float32 product."""
+    return (type(weight) is Tensor and type(delta) is Tensor and weight.device.type == "cpu"
+            and delta.device.type == "cpu" and weight.dtype in _KINDS
+            and delta.dtype == torch.float32 and weight.is_contiguous() and delta.is_contiguous()
+            and available())
+
+
+def merge(weight: Tensor, delta: Tensor, scale: float, buffers: Callable[[str, int, torch.dtype], Tensor]
+          ) -> Optional[tuple]:
+    """``weight += delta · scale`` in place (both flat); returns ``(counts, offsets, steps, escape_index,
+    escape_bits)`` as tensors (the fields of :class:`lorakit.exact_merge.MergeRecord`), or ``None`` with ``weight``
+    unchanged where a merged value is not finite. ``buffers(slot, numel, dtype)``: a reusable work buffer."""
+    ints, kind = _KINDS[weight.dtype]
+    n = weight.numel()
+    bits = weight.view(ints)
+    counts = torch.zeros(n // BLOCK + 1, dtype=torch.int32)  # as exact_merge counts them
+    offsets, steps = buffers("offsets", n, torch.int16), buffers("steps", n, torch.int8)
+    escape_index, escape_bits = buffers("escape_index", n, torch.int64), buffers("escape_bits", n, ints)
+    fn = _kernels()["merge"]
+    found = fn(bits.numpy(), delta.numpy(), _f32(scale), kind, counts.numpy(), offsets.numpy(), steps.numpy(),
+               escape_index.numpy(), escape_bits.numpy())
+    if found[0] < 0:
+        return None
+    return counts, offsets[:found[0]].clone(), steps[:found[0]].clone(), escape_index[:found[1]].clone(), \
+        escape_bits[:found[1]].clone()
+
+
+def unmerge(weight: Tensor, delta: Tensor, scale: float, counts: Tensor, offsets: Tensor, steps: Tensor,
+            escape_index: Tensor, escape_bits: Tensor) -> bool:
+    """``weight −= delta · scale`` in place, then the record's steps and escapes; ``False`` with ``weight``
+    unchanged where a merged value or the product is not finite."""
+    ints, kind = _KINDS[weight.dtype]
+    fn = _kernels()["unmerge"]
+    return bool(fn(weight.view(ints).numpy(), delta.numpy(), _f32(scale), kind, counts.numpy(), offsets.numpy(),
+                   steps.numpy(), escape_index.numpy(), escape_bits.numpy()))
+
+
+def _f32(x: float):
+    import numpy as np
+
+    return np.float32(x)
+
+
+def _kernels() -> dict:
+    return _state["kernels"]
+
+
+def _start_loading() -> None:
+    with _lock:
+        if "loaded" in _state:
+            return
+        _state["loaded"] = threading.Event()
+        threading.Thread(target=_load, name="lorakit-merge-kernel", daemon=True).start()
+
+
+def _load() -> None:
+    """Import numba and the passes, and run each once on a few elements of every dtype (loads or compiles them)."""
+    kernels = None
+    try:
+        import numpy as np
+
+        from .merge_kernel_numba import merge_pass, unmerge_pass
+
+        for ints, kind in ((np.int32, 0), (np.int16, 1), (np.int16, 2)):  # _KINDS, without torch in this thread
+            bits, delta = np.zeros(8, ints), np.zeros(8, np.float32)
+            found = merge_pass(bits, delta, np.float32(1), kind, np.zeros(1, np.int32), np.zeros(8, np.int16),
+                               np.zeros(8, np.int8), np.zeros(8, np.int64), np.zeros_like(bits))
+            unmerge_pass(bits, delta, np.float32(1), kind, np.zeros(1, np.int32), np.zeros(found[0], np.int16),
+                         np.zeros(found[0], np.int8), np.zeros(0, np.int64), np.zeros(0, bits.dtype))
+        kernels = {"merge": merge_pass, "unmerge": unmerge_pass}
+    except ImportError:
+        pass  # numba is not installed: the eager passes
+    except Exception as exc:  # noqa: BLE001 - a compiler failure must not break merging
+        _state["error"] = exc
+    finally:
+        _state["kernels"] = kernels
+        _state["loaded"].set()

@@ -1,0 +1,331 @@
+"""The numba code behind :mod:`lorakit.merge_kernel` (imported by it only when numba is installed).
+
+Bit patterns travel as integers (int32 for float32 weights, int16 for bfloat16/float16, ``kind`` 0/1/2); values
+are computed in float32 exactly as PyTorch computes ``W + Δ`` for these dtypes: widen (exact), add in float32,
+round once to the weight's dtype (nearest even). Compiled with ``fastmath`` off (no fused multiply-add, no
+reassociation), so each operation rounds as IEEE 754 says.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+BLOCK = 1 << 16
+HALF_BLOCK = 1 << 15
+
+
+def _resize(builder, value, source: int, width: int):
+    """An integer of ``source`` bits as one of ``width`` bits (truncated or sign-extended)."""
+    if source > width:
+        return builder.trunc(value, ir.IntType(width))
+    return builder.sext(value, ir.IntType(width)) if source < width else value
+
+
+@intrinsic
+def _f32_from_i32(typingctx, x):
+    """The float32 whose bit pattern is the low 32 bits of integer ``x``."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(_resize(builder, args[0], x.bitwidth, 32), ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@intrinsic
+def _i32_from_f32(typingctx, x):
+    if x != types.float32:
+        return None
+    return types.int32(x), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(32))
+
+
+@intrinsic
+def _f32_from_f16bits(typingctx, x):
+    """The float32 value of the float16 whose bit pattern is the low 16 bits of integer ``x``."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        half = builder.bitcast(_resize(builder, args[0], x.bitwidth, 16), ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@intrinsic
+def _f16bits_from_f32(typingctx, x):
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):  # IEEE round to nearest even, subnormals and overflow included
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.int16(x), codegen
+
+
+@njit(cache=True, inline="always")
+def _load(b, kind):
+    """The float32 value of bit pattern ``b`` (an int32 holding the weight element's bits)."""
+    if kind == 0:
+        return _f32_from_i32(np.int32(b))
+    if kind == 1:
+        return _f32_from_i32(np.int32((np.int64(b) & 0xFFFF) << 16))
+    return _f32_from_f16bits(np.int16(b))
+
+
+@njit(cache=True, inline="always")
+def _store(x, kind):
+    """The bit pattern (as int32) of float32 ``x`` rounded to the weight's dtype (nearest even)."""
+    if kind == 0:
+        return _i32_from_f32(x)
+    if kind == 1:  # finite or ±inf only (callers check): NaN would need PyTorch's per-loop NaN patterns
+        u = np.int64(_i32_from_f32(x)) & 0xFFFFFFFF
+        u += 0x7FFF + ((u >> 16) & 1)
+        return np.int32(np.int16((u >> 16) & 0xFFFF))
+    return np.int32(_f16bits_from_f32(x))
+
+
+@njit(cache=True, inline="always")
+def _wrap(x, kind):
+    """``x`` wrapped to the weight's integer width (PyTorch's integer subtraction on the bit patterns)."""
+    if kind == 0:
+        return np.int64(np.int32(x))
+    return np.int64(np.int16(x))
+
+
+@njit(cache=True, nogil=True)
+def _apply_record(bits, kind, limit, counts, offsets, steps, escape_index, escape_bits):
+    """Add the recorded steps, then write the escapes, at positions below ``limit``."""
+    p = 0
+    for block in range(counts.size):
+        base = block * BLOCK + HALF_BLOCK
+        end = p + counts[block]
+        while p < end:
+            pos = base + np.int64(offsets[p])
+            if pos >= limit:
+                break
+            bits[pos] = _wrap(np.int64(bits[pos]) + np.int64(steps[p]), kind)
+            p += 1
+        if p < end:
+            break
+    for e in range(escape_index.size):
+        if escape_index[e] >= limit:
+            break
+        bits[escape_index[e]] = escape_bits[e]
+
+
+@njit(cache=True, nogil=True)
+def _add_dense(bits, delta, scale, kind, sign, limit):
+    """``bits[:limit] = round(value + sign · delta · scale)``."""
+    for i in range(limit):
+        d = delta[i] * scale
+        v = _load(bits[i], kind)
+        bits[i] = _store(v + d if sign > 0 else v - d, kind)
+
+
+CHUNK = 4096  # elements computed while cache-resident before they are recorded
+F32_EXP, BF16_EXP, F16_EXP = 0x7F800000, 0x7F80, 0x7C00  # exponent bits: all set means inf or nan
+
+
+# One dense loop per weight dtype, branch-free so that the compiler vectorizes it: the merged value goes straight
+# into the weight, the original bits into ``saved`` (to put the chunk back if a merged value is not finite), ``k``
+# (original minus what a plain subtraction gives back, wrapped to the weight's width) into ``ks``.
+@njit(cache=True, nogil=True)
+def _merge_f32(bits, delta, scale, saved, ks):
+    bad = 0
+    for j in range(bits.size):
+        o = bits[j]
+        d = delta[j] * scale
+        m = _f32_from_i32(o) + d
+        mb = _i32_from_f32(m)
+        bad |= (mb & F32_EXP) == F32_EXP
+        saved[j] = o
+        ks[j] = o - _i32_from_f32(m - d)
+        bits[j] = mb
+    return bad == 0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _bf16(x):
+    """float32 → bfloat16 bits, round to nearest even (finite or ±inf ``x``)."""
+    u = np.int64(_i32_from_f32(x)) & 0xFFFFFFFF
+    return np.int16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _from_bf16(b):
+    return _f32_from_i32(np.int32((np.int64(b) & 0xFFFF) << 16))
+
+
+@njit(cache=True, nogil=True)
+def _merge_bf16(bits, delta, scale, saved, ks):
+    bad = 0
+    for j in range(bits.size):
+        o = bits[j]
+        d = delta[j] * scale
+        mb = _bf16(_from_bf16(o) + d)
+        bad |= (mb & BF16_EXP) == BF16_EXP
+        saved[j] = o
+        ks[j] = np.int16(o - _bf16(_from_bf16(mb) - d))
+        bits[j] = mb
+    return bad == 0
+
+
+@njit(cache=True, nogil=True)
+def _merge_f16(bits, delta, scale, saved, ks):
+    bad = 0
+    for j in range(bits.size):
+        o = bits[j]
+        d = delta[j] * scale
+        mb = _f16bits_from_f32(_f32_from_f16bits(o) + d)
+        bad |= (mb & F16_EXP) == F16_EXP
+        saved[j] = o
+        ks[j] = np.int16(o - _f16bits_from_f32(_f32_from_f16bits(mb) - d))
+        bits[j] = mb
+    return bad == 0
+
+
+@intrinsic
+def _lowest_bit(typingctx, x):
+    """Index of the lowest set bit of a non-zero uint64."""
+    if x != types.uint64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+
+    return types.uint64(x), codegen
+
+
+@njit(cache=True, nogil=True)
+def _nonzero_masks(ks, size, masks):
+    """Bit ``t`` of ``masks[g]`` says whether ``ks[64 g + t]`` is non-zero (vectorized; ``ks`` padded with
+    zeros to a multiple of 64)."""
+    ks[size:(size + 63) // 64 * 64] = 0
+    for g in range((size + 63) // 64):
+        m = np.uint64(0)
+        for t in range(64):
+            m |= np.uint64(ks[g * 64 + t] != 0) << np.uint64(t)
+        masks[g] = m
+
+
+@njit(cache=True, nogil=True)
+def _record_chunk(start, size, ks, saved, masks, offsets, steps, ns, escape_index, escape_bits, ne):
+    """Append the chunk's non-zero ``k`` (as steps, or as escapes when they do not fit a byte), visiting only
+    them: most elements of a small update have none."""
+    _nonzero_masks(ks, size, masks)
+    low = (start & (BLOCK - 1)) - HALF_BLOCK
+    for g in range((size + 63) // 64):
+        m = masks[g]
+        while m != 0:
+            j = g * 64 + np.int64(_lowest_bit(m))
+            m &= m - np.uint64(1)
+            k = ks[j]
+            if -128 <= k <= 127:
+                offsets[ns] = np.int16(low + j)
+                steps[ns] = np.int8(k)
+                ns += 1
+            else:
+                escape_index[ne] = start + j
+                escape_bits[ne] = saved[j]
+                ne += 1
+    return ns, ne
+
+
+@njit(cache=True, nogil=True)
+def merge_pass(bits, delta, scale, kind, counts, offsets, steps, escape_index, escape_bits):
+    """Merge in place and record; returns ``(steps, escapes)`` counts, or ``(-1, -1)`` with ``bits`` restored where
+    a merged value is not finite. ``kind``: 0 float32 (int32 ``bits``), 1 bfloat16, 2 float16 (int16 ``bits``)."""
+    ns = 0
+    ne = 0
+    n = bits.size
+    saved = np.empty(CHUNK, bits.dtype)
+    ks = np.empty(CHUNK + 64, np.int32)
+    masks = np.empty(CHUNK // 64 + 1, np.uint64)
+    first = 0
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        chunk, part = bits[start:stop], delta[start:stop]
+        if kind == 0:
+            ok = _merge_f32(chunk, part, scale, saved, ks)
+        elif kind == 1:
+            ok = _merge_bf16(chunk, part, scale, saved, ks)
+        else:
+            ok = _merge_f16(chunk, part, scale, saved, ks)
+        if not ok:
+            chunk[:] = saved[:stop - start]
+            _add_dense(bits, delta, scale, kind, -1, start)
+            _apply_record(bits, kind, start, counts, offsets[:ns], steps[:ns], escape_index[:ne], escape_bits[:ne])
+            return -1, -1
+        if start & (BLOCK - 1) == 0:
+            first = ns  # the first step of this 65536-element block
+        ns, ne = _record_chunk(start, stop - start, ks, saved, masks, offsets, steps, ns, escape_index, escape_bits,
+                               ne)
+        counts[start >> 16] = ns - first
+    return ns, ne
+
+
+@njit(cache=True, nogil=True)
+def _unmerge_f32(bits, delta, scale, saved):
+    bad = 0
+    for j in range(bits.size):
+        o = bits[j]
+        d = delta[j] * scale
+        bad |= ((o & F32_EXP) == F32_EXP) | ((_i32_from_f32(d) & F32_EXP) == F32_EXP)
+        saved[j] = o
+        bits[j] = _i32_from_f32(_f32_from_i32(o) - d)
+    return bad == 0
+
+
+@njit(cache=True, nogil=True)
+def _unmerge_bf16(bits, delta, scale, saved):
+    bad = 0
+    for j in range(bits.size):
+        o = bits[j]
+        d = delta[j] * scale
+        bad |= ((o & BF16_EXP) == BF16_EXP) | ((_i32_from_f32(d) & F32_EXP) == F32_EXP)
+        saved[j] = o
+        bits[j] = _bf16(_from_bf16(o) - d)
+    return bad == 0
+
+
+@njit(cache=True, nogil=True)
+def _unmerge_f16(bits, delta, scale, saved):
+    bad = 0
+    for j in range(bits.size):
+        o = bits[j]
+        d = delta[j] * scale
+        bad |= ((o & F16_EXP) == F16_EXP) | ((_i32_from_f32(d) & F32_EXP) == F32_EXP)
+        saved[j] = o
+        bits[j] = _f16bits_from_f32(_f32_from_f16bits(o) - d)
+    return bad == 0
+
+
+@njit(cache=True, nogil=True)
+def unmerge_pass(bits, delta, scale, kind, counts, offsets, steps, escape_index, escape_bits):
+    """Unmerge in place with the record; ``False`` with ``bits`` unchanged where a merged value or the product is
+    not finite."""
+    n = bits.size
+    saved = np.empty(CHUNK, bits.dtype)
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        chunk, part = bits[start:stop], delta[start:stop]
+        if kind == 0:
+            ok = _unmerge_f32(chunk, part, scale, saved)
+        elif kind == 1:
+            ok = _unmerge_bf16(chunk, part, scale, saved)
+        else:
+            ok = _unmerge_f16(chunk, part, scale, saved)
+        if not ok:
+            chunk[:] = saved[:stop - start]
+            _apply_record(bits, kind, start, counts, offsets, steps, escape_index, escape_bits)
+            _add_dense(bits, delta, scale, kind, 1, start)
+            return False
+    _apply_record(bits, kind, n, counts, offsets, steps, escape_index, escape_bits)
+    return True
