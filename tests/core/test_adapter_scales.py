@@ -220,3 +220,17 @@ def test_tensor_scalings_reach_mixed_batches_after_every_change():
         for row, name in enumerate(["b", "default", "b"]):
             w = weight if name == "b" else 1.0
             torch.testing.assert_close(got[row], reference(layer, x[row], [(name, w)]), rtol=1e-12, atol=1e-12)
+
+
+def test_trainable_tokens_are_values_not_scaled_updates():
+    model = get_peft_model(tiny_llama().double(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False,
+                                                             trainable_token_indices=[1, 2]))
+    tokens = [m for m in model.modules() if isinstance(m, lorakit.LoraLayer) and not m.scalable]
+    assert tokens
+    with pytest.raises(ValueError, match="trainable tokens"):
+        model.set_adapter("default", weights=[0.5])
+    with rescale_adapter_scale(model, 0.5):  # the LoRA layers only, as in PEFT
+        assert get_model_status(model).adapter_weights == {"default": 0.5}
+        assert all(m.scaling["default"] == 1.0 for m in tokens)
+    with pytest.raises(ValueError, match="no scale to set"):
+        tokens[0].set_scale("default", 2.0)

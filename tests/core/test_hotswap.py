@@ -167,3 +167,35 @@ def test_a_prepared_model_trains_like_the_unprepared_one():
     assert results[0][1].keys() == results[1][1].keys()
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_an_adapter_with_trainable_tokens_is_not_swapped(saved, tmp_path):
+    base, ids, adapters = saved
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=QV,
+                                                           trainable_token_indices=[1, 2], init_lora_weights=False))
+    model.save_pretrained(tmp_path)
+    before, state = logits(model, ids), snapshot(model)
+    with pytest.raises(ValueError, match="trainable tokens"):
+        hotswap_adapter(model, tmp_path, "default")
+    assert_unchanged(model, ids, before, state)
+
+
+def test_a_layer_kind_without_in_place_swap_is_refused(tmp_path):
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    torch.manual_seed(0)
+    model = get_peft_model(Attention(), LoraConfig(r=2, target_modules=["attn"], init_lora_weights=False))
+    model.save_pretrained(tmp_path)
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(NotImplementedError, match="MultiheadAttention"):
+        hotswap_adapter(model, tmp_path, "default")
+    with torch.no_grad():
+        assert torch.equal(model(x), before)

@@ -41,11 +41,9 @@ class AdapterScales:
     merged_adapters: list
     active_adapters: list
 
-    @property
-    def scalable(self) -> bool:
-        """Whether the layer's update is a scaled low-rank product (a layer holding rows of values, such as
-        trainable tokens, says ``combinable = False`` and has no scale to set)."""
-        return getattr(self, "combinable", True)
+    #: whether the layer's update is a scaled low-rank product; a layer holding rows of values (trainable tokens)
+    #: says ``False`` and has no scale to set
+    scalable: bool = True
 
     def base_scaling(self, adapter: str) -> float:
         """The adapter's scaling at multiplier 1: ``lora_alpha / r`` (rsLoRA: ``/ sqrt(r)``)."""
