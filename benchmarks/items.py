@@ -24,6 +24,7 @@ from torch import nn
 from . import memory
 from . import moe
 from . import workloads as w
+from .inference import section_inference
 from .harness import BenchError, Group, Row, Stats, Target, Unsupported, failure_text, timed
 
 NO_SLOWER = Target("ratio", "<=", 1.0, "≤ 1.00")
@@ -582,6 +583,7 @@ SECTIONS: dict[str, Callable[[Context], list[Row]]] = {
     "merge": section_merge,
     "roundtrip": section_roundtrip,
     "memory": section_memory,
+    "inference": section_inference,
     "moe": moe.section_moe,
 }
 

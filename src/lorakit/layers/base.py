@@ -18,6 +18,7 @@ from ..ops import adapter_dtype, kaiming_uniform_, lora_delta, lora_factors, lor
 from .construction import init_module, new_module
 from .init import check_base_rewrite, restore_base
 from .routing import RowRouting
+from .scales import AdapterScales
 
 __all__ = ["LoraLayer", "factor_weight"]
 
@@ -29,12 +30,13 @@ def factor_weight(module: nn.Module) -> Tensor:
     return module.weight if weight is None else weight
 
 
-class LoraLayer(RowRouting, nn.Module):
+class LoraLayer(AdapterScales, RowRouting, nn.Module):
     """A base layer plus any number of named low-rank adapters.
 
     Subclasses say how to build one adapter's factors (:meth:`_create_factors`), how to read them as tensors in
     PEFT's orientation (:meth:`factors`) and how to add one adapter's output (:meth:`_add_adapter_output`).
-    Everything else (adapter bookkeeping, merge, unmerge, delete) lives here, once.
+    Everything else (adapter bookkeeping, merge, unmerge, delete) lives here, once; the scale controls
+    (``set_scale``, ``scale_layer``, ``unscale_layer``) in :class:`~lorakit.layers.scales.AdapterScales`.
     """
 
     #: names of the ModuleDict/ParameterDict attributes holding per-adapter tensors (for save/load and deletion)
@@ -188,7 +190,7 @@ class LoraLayer(RowRouting, nn.Module):
         if self._rows is not None:
             rows = self._rows
             rows.for_batch(x.shape[0])  # every layer checks the rows it receives, even where it adds nothing
-            if self.disable_adapters or self.r.keys().isdisjoint(rows.names):
+            if self.disable_adapters or not any(n in self.r for n in rows.names):
                 return out
             return self._add_row_outputs(out, x, rows)
         for name in self._live:
