@@ -25,6 +25,7 @@ from . import memory
 from . import moe
 from . import workloads as w
 from .dora import section_dora
+from .inference import section_inference
 from .harness import BenchError, Group, Row, Stats, Target, Unsupported, failure_text, timed
 
 NO_SLOWER = Target("ratio", "<=", 1.0, "≤ 1.00")
@@ -583,6 +584,7 @@ SECTIONS: dict[str, Callable[[Context], list[Row]]] = {
     "merge": section_merge,
     "roundtrip": section_roundtrip,
     "memory": section_memory,
+    "inference": section_inference,
     "moe": moe.section_moe,
     "dora": section_dora,
 }

@@ -15,6 +15,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .adapter_scales import set_adapter_weights
 from .config import LoraConfig
 from .exact_merge import Scratch
 from .keys import LORA_PREFIX, adapter_key_pattern, check_adapter_names, is_adapter_key
@@ -252,14 +253,19 @@ class LoraModel(nn.Module):
             raise
 
     # -- switching ----------------------------------------------------------------------------------------------------
-    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False, *,
+                    weights: Optional[Sequence[float]] = None) -> None:
         """Activate one adapter (or several, whose updates add up). As in PEFT, the active adapters become
-        trainable unless ``inference_mode``, and all others frozen."""
+        trainable unless ``inference_mode``, and all others frozen. ``weights`` (one per adapter, lorakit's addition
+        with diffusers' meaning) multiplies each one's update until set again; without it scales stay as they are
+        (see :mod:`lorakit.adapter_scales`)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         check_adapter_names(names, self.peft_config)
         for module in self.adapter_modules():
             if isinstance(module, ModulesToSaveWrapper):
                 module.check_active(names)  # before anything changes
+        if weights is not None:
+            set_adapter_weights(self, names, weights)
         self.active_adapters = names
         mark_trainable(self, inference_mode)
 

@@ -56,6 +56,7 @@ def lora_factors(A: Tensor, B: Tensor, scaling: float, transpose: bool = False) 
     orientation (rows first), in at least float32: what merging multiplies out. A power-of-two scaling is folded
     into the rank-sized ``B`` (the same bits as :func:`lora_delta`'s ``(B @ A) · s``, without a pass over the
     full-size product); any other stays a separate factor, so the bits stay PEFT's."""
+    scaling = float(scaling)  # a tensor scaling (compiled hotswap) too
     dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
     left, right = B.flatten(1).to(dtype), A.flatten(1).to(dtype)
     if scaling != 0 and math.frexp(scaling)[0] == 0.5:  # ±2^k
@@ -76,8 +77,17 @@ def adapter_dtype(weight: Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def add_lora(out: Tensor, h: Tensor, B: Tensor, scaling: float) -> Tensor:
-    """``out + scaling · h @ B.T``, fused (in place when no gradient is recorded); ``h`` is ``x @ A.T``."""
+def add_lora(out: Tensor, h: Tensor, B: Tensor, scaling: float | Tensor) -> Tensor:
+    """``out + scaling · h @ B.T``, fused (in place when no gradient is recorded); ``h`` is ``x @ A.T``.
+
+    A tensor ``scaling`` (a model prepared for compiled hotswap) cannot be ``addmm``'s ``alpha``: it scales the
+    rank-sized ``h`` instead, so a compiled graph reads it as an input rather than baking in its value."""
+    if type(scaling) is not float:
+        if isinstance(scaling, Tensor):
+            h = h * scaling
+            scaling = 1.0
+        else:
+            scaling = float(scaling)
     if h.dtype != out.dtype:
         return out + (h @ B.T * scaling).to(out.dtype)
     shape = out.shape
@@ -152,6 +162,8 @@ class _DroppedLora(torch.autograd.Function):
 
 def add_dropped_lora(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, p: float) -> Tensor:
     """:func:`add_lora` with dropout ``p`` on ``x``, memory-lean in training (see :class:`_DroppedLora`)."""
+    if isinstance(scaling, Tensor):  # compiled hotswap: scale the rank-sized B (autograd carries it), no .item()
+        B, scaling = B * scaling, 1.0
     if out.dtype != x.dtype:  # adapters in float32 on a half-precision base: keep the maths in the adapter dtype
         return out + _DroppedLora.apply(torch.zeros_like(out, dtype=x.dtype), x, A, B, scaling, p).to(out.dtype)
     return _DroppedLora.apply(out, x, A, B, scaling, p)

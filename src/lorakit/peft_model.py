@@ -105,9 +105,11 @@ class PeftModel(nn.Module):
         config = prepare_config(self.get_base_model(), peft_config, self.task_modules_to_save)
         self.base_model.inject_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
-    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
-        """Activate an adapter (or several); it trains unless ``inference_mode``, all others are frozen (PEFT)."""
-        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False, *,
+                    weights: Optional[Sequence[float]] = None) -> None:
+        """Activate an adapter (or several); it trains unless ``inference_mode``, all others are frozen (PEFT);
+        ``weights``: see :meth:`LoraModel.set_adapter`."""
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode, weights=weights)
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Turn training of the named adapters (active or not) on or off."""

@@ -5,11 +5,12 @@ disagree (a sign of a model in an inconsistent state)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Union
 
 from torch import nn
 
+from .adapter_scales import adapter_weights
 from .layers import LoraLayer
 from .model import LoraModel
 from .modules_to_save import ModulesToSaveWrapper
@@ -31,6 +32,8 @@ class TunerLayerStatus:
     available_adapters: list[str]
     devices: dict[str, list[str]]
     quantization_backend: str | None = None
+    #: lorakit's addition: each adapter's runtime multiplier (set_adapter weights, set_scale, rescale_adapter_scale)
+    adapter_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -48,6 +51,8 @@ class TunerModelStatus:
     available_adapters: list[str]
     devices: dict[str, list[str]]
     quantization_backend: str | None | Irregular = None
+    #: lorakit's addition: each adapter's runtime multiplier where the layers agree, else ``"irregular"``
+    adapter_weights: dict[str, Union[float, Irregular]] = field(default_factory=dict)
 
 
 def _all_or_irregular(values: list) -> Union[bool, Irregular]:
@@ -94,6 +99,7 @@ def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus:
         requires_grad={a: _all_or_irregular([p.requires_grad for p in ps]) for a, ps in params.items()},
         available_adapters=sorted(params),
         devices={a: sorted({p.device.type for p in ps}) for a, ps in params.items()},
+        adapter_weights=adapter_weights([module]) if isinstance(module, LoraLayer) else {},
     )
 
 
@@ -155,4 +161,5 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         requires_grad={a: _all_or_irregular(v) for a, v in grads.items()},
         available_adapters=sorted(set().union(*(s.available_adapters for s in layers))),
         devices={a: sorted(v) for a, v in devices.items()},
+        adapter_weights=adapter_weights([m for m in model.modules() if isinstance(m, LoraLayer)]),
     )

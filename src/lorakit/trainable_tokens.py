@@ -34,6 +34,7 @@ class TrainableTokensLayer(LoraLayer):
 
     adapter_layer_names = ("trainable_tokens_delta",)
     combinable = False  # rows of values, not low-rank factors
+    scalable = False  # nor scaled (set_scale, weights, rescale_adapter_scale leave it alone)
 
     def __init__(self, base_layer: nn.Module, tied_to: Optional["TrainableTokensLayer"] = None) -> None:
         if not isinstance(base_layer, (nn.Embedding, nn.Linear)):

@@ -114,3 +114,13 @@ def test_group_reports_failures_per_variant():
     assert g.cell("broken").startswith("ERROR ZeroDivisionError")
     assert g.ratio("ok", "broken") is None
     assert errors == ["broken: ERROR ZeroDivisionError: division by zero"]  # Unsupported is not an error
+
+
+def test_quick_mode_reports_hotswap_and_compiled_decode(quick_run):
+    rows = _table(quick_run.stdout)
+    for item in ["hotswap_adapter (r 4↔2, prepared)", "load_adapter, new name (same file)",
+                 "decode step, compiled (inductor), batch 1, cache 8"]:
+        assert item in rows, f"{item!r} missing from the table"
+        assert re.fullmatch(RATIO, rows[item][2]), f"{item!r}: no lorakit/PEFT ratio in {rows[item]}"
+    for item in ["hotswap / load_adapter", "decode compiled / eager"]:
+        assert all(re.fullmatch(RATIO, cell) for cell in rows[item][:2]), f"{item!r}: {rows[item]}"

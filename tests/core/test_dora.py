@@ -562,3 +562,19 @@ def test_layers_without_dora_refuse_it_by_name():
                                                 use_dora=True))
     with pytest.raises(ValueError, match="lora_bias"):
         LoraConfig(use_dora=True, lora_bias=True)
+
+
+def test_torch_compile_traces_dora_without_graph_breaks():
+    """Under ``torch.compile`` the norms are recomputed in the graph (no caches, no data-dependent branch)."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, init_lora_weights=False, use_dora=True,
+                                                    target_modules="all-linear")).eval()
+    perturb_magnitudes(model)
+    ids = token_ids()
+    expected = model(ids).logits
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(ids)
+    assert explained.graph_break_count == 0, explained.break_reasons[:3]
+    torch.testing.assert_close(torch.compile(model)(ids).logits, expected, atol=1e-5, rtol=0)

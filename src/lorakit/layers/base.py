@@ -19,6 +19,7 @@ from .construction import init_module, new_module
 from .dora import DoraMixin
 from .init import check_base_rewrite, restore_base
 from .routing import RowRouting
+from .scales import AdapterScales
 
 __all__ = ["LoraLayer", "factor_weight"]
 
@@ -30,13 +31,14 @@ def factor_weight(module: nn.Module) -> Tensor:
     return module.weight if weight is None else weight
 
 
-class LoraLayer(DoraMixin, RowRouting, nn.Module):
+class LoraLayer(DoraMixin, AdapterScales, RowRouting, nn.Module):
     """A base layer plus any number of named low-rank adapters.
 
     Subclasses say how to build one adapter's factors (:meth:`_create_factors`), how to read them as tensors in
     PEFT's orientation (:meth:`factors`) and how to add one adapter's output (:meth:`_add_adapter_output`).
-    Everything else (adapter bookkeeping, merge, unmerge, delete) lives here, once; DoRA adapters are a part
-    composed in (:class:`~lorakit.layers.dora.DoraMixin`).
+    Everything else (adapter bookkeeping, merge, unmerge, delete) lives here, once; the scale controls
+    (``set_scale``, ``scale_layer``, ``unscale_layer``) in :class:`~lorakit.layers.scales.AdapterScales`; DoRA
+    adapters are a part composed in (:class:`~lorakit.layers.dora.DoraMixin`).
     """
 
     #: names of the ModuleDict/ParameterDict attributes holding per-adapter tensors (for save/load and deletion)
@@ -197,9 +199,9 @@ class LoraLayer(DoraMixin, RowRouting, nn.Module):
         if self._rows is not None:
             rows = self._rows
             rows.for_batch(x.shape[0])  # every layer checks the rows it receives, even where it adds nothing
-            if self.disable_adapters or self.r.keys().isdisjoint(rows.names):
+            if self.disable_adapters or not any(n in self.r for n in rows.names):
                 return out
-            if not self.lora_magnitude_vector.keys().isdisjoint(rows.names):  # DoRA rows: adapter by adapter
+            if any(n in self.lora_magnitude_vector._modules for n in rows.names):  # DoRA rows: adapter by adapter
                 return LoraLayer._add_row_outputs(self, out, x, rows)
             return self._add_row_outputs(out, x, rows)
         if self._dora_live:

@@ -93,7 +93,9 @@ def weight_norm(weight: Tensor, A: Tensor, B: Tensor, scaling: float, transpose:
         cross = (proj * B2).sum(1)
         quad = ((B2 @ (A2 @ A2.T)) * B2).sum(1)
         squared = sq_norms.to(dtype) + (2 * scaling) * cross + (scaling * scaling) * quad
-        if not torch.isfinite(squared).all():  # squares overflow long before the norm does: in full, in float64
+        # squares overflow (rows above ~1e19) long before the norm does: then in full, in float64 (not while
+        # torch.compile traces: a data-dependent branch would break its graph)
+        if not _compiling() and not torch.isfinite(squared).all():
             delta = (B2 @ A2).mul_(scaling)
             full = (matrix + (delta.T if transpose else delta)).double()
             return torch.linalg.vector_norm(full, dim=0 if transpose else 1).to(dtype)
@@ -192,6 +194,16 @@ def _undo(merged: Tensor, delta: Tensor, gv: Tensor) -> Tensor:
 
 
 # -- the part the layers compose -------------------------------------------------------------------------------------
+def _compiling() -> bool:
+    return getattr(torch, "compiler", None) is not None and torch.compiler.is_compiling()
+
+
+def _cacheable(training: bool, *tensors: Tensor) -> bool:
+    """Whether norms may be cached: eval mode (for the whole norm), tensors with version counters (not inference
+    tensors), and not while ``torch.compile`` traces (the graph recomputes them; version checks would break it)."""
+    return not training and not _compiling() and not any(t.is_inference() for t in tensors)
+
+
 class DoraMixin:
     """DoRA for :class:`~lorakit.layers.LoraLayer`: magnitudes in ``lora_magnitude_vector``, the forward, and the
     merge of one adapter. Layer kinds whose weight holds one output per row (per column with ``transpose_delta``)
@@ -240,9 +252,9 @@ class DoraMixin:
         A, B = self.factors(adapter_name)
         scaling = self.scaling[adapter_name]
         key = None
-        if not self.training and not (weight.is_inference() or A.is_inference() or B.is_inference()):
-            tensors = (weight, A, B)
-            key = (tensors, (weight._version, weight.data_ptr(), A._version, B._version, scaling))
+        if _cacheable(self.training, weight, A, B):
+            tensors = (weight, A, B)  # a 0-dim tensor scaling (compiled hotswap) is read by value
+            key = (tensors, (weight._version, weight.data_ptr(), A._version, B._version, float(scaling)))
             hit = self._dora_cache.get(adapter_name)
             if hit is not None and all(map(operator.is_, hit[0][0], tensors)) and hit[0][1] == key[1]:
                 return hit[1]
@@ -253,7 +265,7 @@ class DoraMixin:
 
     def _squared_norms(self, weight: Tensor) -> Optional[Tensor]:
         """``‖Wᵢ‖²`` of the base weight, kept while it is the same tensor at the same version (a frozen base)."""
-        if weight.is_inference():
+        if not _cacheable(False, weight):
             return None
         key = (weight, weight._version, weight.data_ptr())
         hit = self._dora_cache.get(None)

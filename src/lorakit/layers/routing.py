@@ -46,7 +46,7 @@ class RowRouting:
         present = [n for n in names if n in self.r]
         tensors = self._factor_list(present)
         scalings = [self.scaling.get(n) for n in names]
-        grad = torch.is_grad_enabled()
+        grad = torch.is_grad_enabled() or torch.compiler.is_compiling()  # a compiled graph builds its own stacks
         if not grad and self._stack_cache is not None and self._stack_cache.matches(names, scalings, tensors):
             return self._stack_cache.stacks
         pairs = dict(zip(present, zip(tensors[0::2], tensors[1::2])))

@@ -68,13 +68,15 @@ class StackCache:
 
     Valid while the names, the scalings and the factor tensors are the same: the same objects (holding them keeps
     their ids from being reused; a replaced parameter is a new object) at the same version counters (an in-place
-    update, such as an optimizer step or ``load_state_dict``, bumps them). The checks run in C loops: a mixed
+    update, such as an optimizer step or ``load_state_dict``, bumps them). Scalings held as tensors (prepared for
+    compiled hotswap) are compared the same way: a hotswap writes them in place. The checks run in C loops: a mixed
     batch of 32 adapters checks 64 tensors per layer per step.
     """
 
     def __init__(self, names: Sequence[str], scalings: list, tensors: list, stacks: tuple[Tensor, Tensor]) -> None:
         self.names, self.scalings, self.tensors, self.stacks = tuple(names), scalings, tensors, stacks
         self.versions = list(map(_version, tensors))
+        self.scaling_versions = [getattr(s, "_version", None) for s in scalings]
 
     def matches(self, names: Sequence[str], scalings: list, tensors: list) -> bool:
         return (
@@ -83,4 +85,5 @@ class StackCache:
             and len(self.tensors) == len(tensors)
             and all(map(operator.is_, self.tensors, tensors))
             and self.versions == list(map(_version, tensors))
+            and self.scaling_versions == [getattr(s, "_version", None) for s in scalings]
         )
