@@ -578,3 +578,32 @@ def test_torch_compile_traces_dora_without_graph_breaks():
     explained = torch._dynamo.explain(model)(ids)
     assert explained.graph_break_count == 0, explained.break_reasons[:3]
     torch.testing.assert_close(torch.compile(model)(ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_set_scale_moves_the_norm_with_the_update():
+    layer = Linear(nn.Linear(8, 6)).double()
+    layer.update_layer("default", 2, 4, init_lora_weights=False, use_dora=True)
+    layer.set_adapter("default")
+    layer.eval()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    layer(x)  # the norm is cached now
+    layer.set_scale("default", 0.5)
+    expected = F.linear(x, dense_dora_weight(layer), layer.base_layer.bias.double())
+    torch.testing.assert_close(layer(x), expected, atol=1e-12, rtol=1e-10)
+
+
+def test_hotswap_replaces_factors_and_magnitudes(tmp_path):
+    from lorakit.hotswap import hotswap_adapter
+
+    first = _model_with_adapters(torch.float32, (True,)).eval()
+    second = _model_with_adapters(torch.float32, (True,)).eval()
+    perturb_magnitudes(second, seed=7)
+    with torch.no_grad():
+        for name, p in second.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.mul_(2)
+    second.save_pretrained(tmp_path, selected_adapters=["a0"])
+    ids = token_ids()
+    first(ids)  # caches filled
+    hotswap_adapter(first, tmp_path / "a0", adapter_name="a0")
+    torch.testing.assert_close(first(ids).logits, second(ids).logits, atol=1e-5, rtol=0)
