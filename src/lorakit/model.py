@@ -19,6 +19,7 @@ from .config import LoraConfig
 from .exact_merge import Scratch
 from .keys import LORA_PREFIX, adapter_key_pattern, check_adapter_names, is_adapter_key
 from .layers import LoraLayer, is_linear, lora_layer_for
+from .layers.quantized import dequantize_quantized_layers, warn_requantization
 from .mixed_batch import BASE, batch_size, mixed_batch
 from .modules_to_save import ModulesToSaveWrapper
 from .targeting import modules_to_save_names, select_targets
@@ -317,7 +318,8 @@ class LoraModel(nn.Module):
         if already:
             warnings.warn(f"adapter(s) {already} are already merged; merging them again does nothing", stacklevel=2)
             names = [n for n in names if n not in already]
-        layers = [layer for _, layer in self.lora_layers() if any(n in layer.r for n in names)]
+        named = [(n, layer) for n, layer in self.lora_layers() if any(a in layer.r for a in names)]
+        layers = [layer for _, layer in named]
         for layer in layers:
             layer.check_mergeable()
         if safe_merge:
@@ -328,6 +330,7 @@ class LoraModel(nn.Module):
         for layer in layers:
             layer.merge(names, own_weight=id(layer.base_layer.weight) in shared, scratch=scratch,
                         reversible=reversible)
+        warn_requantization(named)  # quantized layers round the merged weights: say how much
 
     def _shared_weights(self) -> set[int]:
         counts = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
@@ -362,8 +365,18 @@ class LoraModel(nn.Module):
             model_config.tie_word_embeddings = False  # the merged weights differ now; don't let a reload re-tie them
         return self.model
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
-        """Merge the adapters and return the bare base model (original module classes, no trace of lorakit)."""
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None,
+                         dequantize: bool = False) -> nn.Module:
+        """Merge the adapters and return the bare base model (original module classes, no trace of lorakit).
+
+        Quantized layers are merged by quantizing ``W + s·B@A`` again (with a :class:`RequantizationWarning` saying
+        how much that rounded). ``dequantize=True`` instead returns a float model: every quantized linear layer
+        becomes an ``nn.Linear`` holding its dequantized weight plus the exact updates.
+        """
+        if dequantize:
+            check_adapter_names(list(self.active_adapters if adapter_names is None else adapter_names),
+                                self.peft_config)
+            dequantize_quantized_layers(self.model)
         return self._unwrap(True, safe_merge, adapter_names)
 
     def unload(self) -> nn.Module:

@@ -113,8 +113,9 @@ class PeftModel(nn.Module):
     def unmerge_adapter(self) -> None:
         self.base_model.unmerge_adapter()
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
-        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None,
+                         dequantize: bool = False) -> nn.Module:
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names, dequantize=dequantize)
 
     def unload(self) -> nn.Module:
         return self.base_model.unload()
