@@ -28,6 +28,21 @@ from .walk import base_of, head_names, leaf_parameters, merged_names, parent_and
 __all__ = ["LoraModel"]
 
 
+def _state_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """The ``(name, tensor)`` pairs of ``model.state_dict(keep_vars=True)`` that parameters and persistent buffers
+    make, read without calling the modules' ``_save_to_state_dict``: bitsandbytes 4-bit layers rewrite their weight
+    there (from the CPU kernel's layout back to the stored one, which changes their outputs), and reading an
+    adapter must not touch the base model."""
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for name, p in module._parameters.items():
+            if p is not None:
+                yield dot + name, p
+        for name, b in module._buffers.items():
+            if b is not None and name not in module._non_persistent_buffers_set:
+                yield dot + name, b
+
+
 class LoraModel(nn.Module):
     """The user's model (``self.model``) with LoRA layers injected; PEFT's ``LoraModel``."""
 
@@ -166,7 +181,7 @@ class LoraModel(nn.Module):
         its LoRA factors, its modules_to_save copies, and the biases its ``bias`` setting trains."""
         check_adapter_names([adapter_name], self.peft_config)
         mine = adapter_key_pattern(adapter_name)
-        state = {k: v for k, v in self.model.state_dict(keep_vars=True).items() if mine.search(k)}
+        state = {k: v for k, v in _state_tensors(self.model) if mine.search(k)}
         bias = self.peft_config[adapter_name].bias
         if bias == "all":
             state.update({

@@ -258,3 +258,17 @@ def test_quantized_layers_are_recognised_without_registering(llama_folder):
     assert lora_layer_for(torch.nn.Linear(2, 2)) is Linear
     ours = lorakit.get_peft_model(model, lorakit.LoraConfig(target_modules="all-linear"))
     assert len(quantized_layers(ours)) == 2 * len(TARGETS)  # the float lm_head is the output head: left out
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_saving_an_adapter_leaves_the_4bit_base_as_it_was(llama_folder, kind, tmp_path):
+    """Reading the adapter's tensors must not call bitsandbytes' _save_to_state_dict, which moves a 4-bit weight
+    out of the CPU kernel's layout (and re-quantizes its absmax): after PEFT's save the outputs change."""
+    ours = lorakit.get_peft_model(load(llama_folder, kind), lorakit.LoraConfig(target_modules=TARGETS,
+                                                                                 init_lora_weights=False)).eval()
+    before = logits(ours)  # the inference forward puts the 4-bit weights into the CPU kernel's layout
+    ours.save_pretrained(tmp_path / "ours")
+    assert torch.equal(logits(ours), before)
+    reloaded = from_pretrained(lorakit, load(llama_folder, kind), tmp_path / "ours")
+    for (_, a), (_, b) in zip(quantized_layers(ours), quantized_layers(reloaded)):
+        assert torch.equal(a.factors("default")[0], b.factors("default")[0])
