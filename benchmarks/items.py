@@ -22,6 +22,7 @@ from torch import nn
 
 from . import memory
 from . import workloads as w
+from .qlora import section_qlora
 from .harness import BenchError, Group, Row, Stats, Target, Unsupported, failure_text, timed
 
 NO_SLOWER = Target("ratio", "<=", 1.0, "≤ 1.00")
@@ -479,6 +480,7 @@ SECTIONS: dict[str, Callable[[Context], list[Row]]] = {
     "inject": section_inject,
     "roundtrip": section_roundtrip,
     "memory": section_memory,
+    "qlora": section_qlora,
 }
 
 

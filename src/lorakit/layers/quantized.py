@@ -39,6 +39,10 @@ __all__ = [
 ]
 
 
+#: bitsandbytes ``Linear4bit``'s switch to its bf16 CPU inference kernel (see :class:`QuantizedLinear`)
+_BNB_CPU_KERNEL = "support_avx512bf16_for_cpu"
+
+
 class RequantizationError(NamedTuple):
     """How far a requantized merge is from the exact sum ``W + Σ s·B@A`` (the unmerged layer)."""
 
@@ -92,13 +96,24 @@ def _float_linear(layer: nn.Module, weight: Tensor, dtype: torch.dtype) -> nn.Li
 
 
 class QuantizedLinear(Linear):
-    """LoRA on a quantized linear layer; see the module docstring."""
+    """LoRA on a quantized linear layer; see the module docstring.
+
+    bitsandbytes 4-bit on a CPU with AVX512-BF16 switches a layer, at its first inference forward, to a kernel
+    that computes in bf16 from a repacked weight; that kernel has no backward (training after it silently drops
+    the gradient through the base: bitsandbytes 0.50 warns "an autograd kernel was not registered"), saving
+    the model repacks the weight back and changes its outputs, and PEFT's merge reads the repacked bytes as if
+    they were not. A wrapped layer therefore always runs bitsandbytes' float path (switched off for the length
+    of each call: the bare layer behaves as before); a weight repacked before wrapping is put back into
+    bitsandbytes' stored layout, as its own ``state_dict()`` does.
+    """
 
     def __init__(self, base_layer: nn.Module) -> None:
         LoraLayer.__init__(self, base_layer)
         quant = format_of(base_layer)
         if quant is None:
             raise ValueError(f"{type(base_layer).__name__} is not a quantized linear layer lorakit knows")
+        if getattr(getattr(base_layer.weight, "quant_state", None), "packing_format_for_cpu", False):
+            base_layer.state_dict()  # bitsandbytes unpacks the CPU kernel's layout when it writes a state dict
         vars(self).update(
             transpose_delta=False, in_features=base_layer.in_features, out_features=base_layer.out_features,
             quantization=quant,  # None once dequantize_base() made the base a float nn.Linear
@@ -106,6 +121,16 @@ class QuantizedLinear(Linear):
             _before_merge=None,  # the quantized weight as it was before the first merge (unmerge restores it)
             _irreversible=False,  # merged with reversible=False: the weight before merging is gone
         )
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        flags = vars(self._modules["base_layer"])
+        if not flags.get(_BNB_CPU_KERNEL):
+            return super().forward(x, *args, **kwargs)
+        flags[_BNB_CPU_KERNEL] = False  # see the class docstring
+        try:
+            return super().forward(x, *args, **kwargs)
+        finally:
+            flags[_BNB_CPU_KERNEL] = True
 
     def delta_weight(self, adapter_name: str) -> Tensor:
         A, B = self.factors(adapter_name)
