@@ -64,6 +64,10 @@ def _finetune_parser(sub, common: argparse.ArgumentParser) -> None:
     add("--threads", int, "torch's default (OMP_NUM_THREADS)", "torch CPU threads", "N")
     add("--samples", int, d.samples, "held-out questions answered before and after training", "N")
     add("--max-new-tokens", int, d.max_new_tokens, "length limit of those answers", "N")
+    p.add_argument("--quantize", choices=["nf4", "int8"], default=None,
+                   help="QLoRA: quantize the base's linear layers (not the output head) after loading, with "
+                        "bitsandbytes: nf4 (4-bit, double quantization) or int8 (LLM.int8()); the adapter trains in "
+                        "float32 and loads on the float model too (needs pip install 'lorakit[quantized]')")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over even if --out holds a run")
 

@@ -42,7 +42,7 @@ def write_report(prep: Prepared, before: Scores, trained: Trained, log: Callable
                 (math.log(before.metrics["perplexity"]), math.log(after.metrics["perplexity"])))
 
     t0 = time.perf_counter()
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload(dequantize=True)  # a quantized (--quantize) base comes back as float: exact
     merged_metrics = evaluate(merged, prep.held, prep.eval_batch, prep.pad_id, prep.prefix_len)
     t_eval = before.seconds + after.seconds + time.perf_counter() - t0
     agree = abs(merged_metrics["perplexity"] - after.metrics["perplexity"]) <= 1e-4 * after.metrics["perplexity"]

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 #: settings that define a run: ``--resume`` refuses to continue a run with different ones
 RUN_IDENTITY = ("model", "data", "r", "alpha", "targets", "dropout", "lr", "steps", "batch_size", "max_length",
-                "eval_split", "seed")
+                "eval_split", "seed", "quantize")
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Settings:
     max_new_tokens: int = 32
     resume: bool = False
     overwrite: bool = False
+    quantize: Optional[str] = None  # "nf4" or "int8": the base's linear layers quantized after loading (QLoRA)
 
     def check(self) -> None:
         """``ValueError`` naming the option for every out-of-range number."""
@@ -61,6 +62,8 @@ class Settings:
                  "eval_split", self.eval_split, "a fraction in (0, 1) or a whole number of examples")
         if not self.targets.strip():
             raise ValueError("--targets is empty: expected 'all-linear' or module names separated by commas")
+        if self.quantize not in (None, "nf4", "int8"):
+            raise ValueError(f"--quantize={self.quantize} is not a quantization lorakit applies: expected nf4 or int8")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
 
