@@ -25,7 +25,7 @@ from ..exact_merge import Scratch
 from ..ops import lora_delta
 from .base import LoraLayer
 from .linear import Linear
-from .quant_formats import QuantFormat, format_of
+from .quant_formats import format_of
 
 __all__ = [
     "QuantizedLinear",
