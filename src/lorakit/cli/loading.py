@@ -190,3 +190,19 @@ def quantize_linear_layers(model: nn.Module, kind: str) -> str:
         raise ValueError(f"--quantize={kind}: the model has no linear layer to quantize besides its output head")
     mib = 1024 * 1024
     return f"{count} linear layers in {kind}: {before / mib:.0f} MiB of weights -> {after / mib:.0f} MiB"
+
+
+def reset_peak_memory() -> Optional[float]:
+    """The process's peak resident memory so far, in MB; then, on Linux, the peak is reset to the current resident
+    set, so that a later reading (``getrusage``) covers only what follows: training, not the transient of loading
+    (de-quantizing a GGUF file takes several times the model's size). None where the peak cannot be reset."""
+    import gc
+    import resource
+
+    gc.collect()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return peak

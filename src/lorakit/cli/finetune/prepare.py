@@ -16,7 +16,7 @@ from lorakit.config import LoraConfig
 from lorakit.peft_model import PeftModel, get_peft_model
 from lorakit.targeting import list_entry_matches
 
-from ..loading import LoadedModel, load_causal_lm, quantize_linear_layers
+from ..loading import LoadedModel, load_causal_lm, quantize_linear_layers, reset_peak_memory
 from .checkpoints import resume_state
 from .score import Scores, prefix_sharing_works, score_held_out, shared_prefix_len
 from .settings import Settings, default_out
@@ -70,6 +70,9 @@ def prepare_run(settings: Settings, explicit: Optional[set[str]], log: Callable[
     loaded = load_causal_lm(settings.model)
     if settings.quantize:  # QLoRA: the frozen base in 4-bit (or 8-bit), the adapter in float32
         loaded.description += "; " + quantize_linear_layers(loaded.model, settings.quantize)
+    load_peak = reset_peak_memory()  # the peak reported at the end is then the run's, not loading's
+    if load_peak is not None:
+        loaded.description += f"; peak memory {load_peak:.0f} MB while loading"
     model, tokenizer = loaded.model, loaded.tokenizer
     seconds_load = time.perf_counter() - t_load
     fallback_template = D.ensure_chat_template(tokenizer)

@@ -67,7 +67,8 @@ def write_report(prep: Prepared, before: Scores, trained: Trained, log: Callable
     log(f"\nsaved     adapter (PEFT format): {out}/adapter_config.json, {out}/adapter_model.safetensors\n"
         f"          loss curve: {out}/loss.png   metrics: {out}/metrics.json   checkpoint: {out / CHECKPOINTS}\n"
         f"time      {metrics['seconds']['total']:.0f} s in all (load {prep.seconds_load:.0f} s, train {trained.seconds:.0f} s, "
-        f"evaluation {t_eval:.0f} s; {metrics['seconds']['cpu']:.0f} s of CPU time); peak memory {metrics['peak_memory_mb']:.0f} MB")
+        f"evaluation {t_eval:.0f} s; {metrics['seconds']['cpu']:.0f} s of CPU time); peak memory {metrics['peak_memory_mb']:.0f} MB "
+        "after loading")
     if not agree:
         raise RuntimeError("the merged model scores differently from the adapted one: please report this as a bug")
     return metrics
