@@ -126,12 +126,13 @@ class PeftModel(nn.Module):
     # -- counting ------------------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, all)`` parameter counts of the whole adapted model, shared tensors counted once (PEFT's
-        numbers)."""
+        numbers: a bitsandbytes 4-bit weight counts the weights it packs, two per byte of storage)."""
         trainable = total = 0
         for p in self.parameters():
-            total += p.numel()
+            n = p.numel() * 2 * p.element_size() if type(p).__name__ == "Params4bit" else p.numel()
+            total += n
             if p.requires_grad:
-                trainable += p.numel()
+                trainable += n
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

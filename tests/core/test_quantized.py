@@ -256,6 +256,15 @@ def test_irreversible_merge_refuses_to_unmerge_by_name(llama_folder, tmp_path):
         ours.unmerge_adapter()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_parameter_counts_are_peft_s(llama_folder, kind):
+    """A 4-bit weight stores two weights per byte: counted as the weights it holds, as PEFT counts them."""
+    config = dict(r=4, target_modules=TARGETS)
+    ours = lorakit.get_peft_model(load(llama_folder, kind), lorakit.LoraConfig(**config))
+    theirs = peft.get_peft_model(load(llama_folder, kind), peft.LoraConfig(**config))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
 def test_quantized_layers_are_recognised_without_registering(llama_folder):
     model = load(llama_folder, "nf4")
     layer = model.model.layers[0].self_attn.q_proj
