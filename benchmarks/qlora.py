@@ -2,7 +2,7 @@
 
 The Llama is saved to a temporary folder and loaded back with transformers' ``BitsAndBytesConfig`` (4-bit nf4,
 compute in float32), as a user loads a quantized model; nothing is downloaded. Times: interleaved rounds in this
-process. Memory: each library on each base in a fresh process (``python -m benchmarks.memory --quantize nf4``).
+process. Memory: each library on each base in a fresh process (``python -m benchmarks.memory --nf4 FOLDER``).
 """
 
 from __future__ import annotations
@@ -21,29 +21,38 @@ from .harness import Group, Row, Stats, Target, Unsupported, failure_text
 NO_SLOWER = Target("ratio", "<=", 1.0, "≤ 1.00")
 
 
-def nf4_llama(kwargs: dict) -> nn.Module:
-    """:func:`workloads.llama` saved and loaded again in 4-bit nf4 (bitsandbytes), in eval mode."""
+def saved_llama(kwargs: dict) -> str:
+    """A temporary folder holding :func:`workloads.llama` as a checkpoint (the caller removes it)."""
+    folder = tempfile.mkdtemp(prefix="lorakit-bench-qlora-")
+    w.llama(kwargs).save_pretrained(folder)
+    return folder
+
+
+def nf4_llama(folder: str) -> nn.Module:
+    """The checkpoint in ``folder`` loaded in 4-bit nf4 (bitsandbytes, compute in float32), in eval mode."""
     try:
-        from transformers import BitsAndBytesConfig, LlamaForCausalLM
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig, LlamaForCausalLM
     except ImportError as exc:
         raise Unsupported(f"bitsandbytes is not installed ({exc}); pip install 'lorakit[quantized]'") from exc
     import torch
 
-    folder = tempfile.mkdtemp(prefix="lorakit-bench-nf4-")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LlamaForCausalLM.from_pretrained(folder, quantization_config=config).eval()
+
+
+def section_qlora(ctx) -> list[Row]:
+    folder = saved_llama(ctx.scale.model)
     try:
-        w.llama(kwargs).save_pretrained(folder)
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return LlamaForCausalLM.from_pretrained(folder, quantization_config=config).eval()
+        return _timed_rows(ctx, nf4_llama(folder)) + _memory_rows(ctx, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def section_qlora(ctx) -> list[Row]:
+def _timed_rows(ctx, base: nn.Module) -> list[Row]:
     s = ctx.scale
-    base = nf4_llama(s.model)
     models = {n: w.wrap(w.library(n), copy.deepcopy(base), s) for n in w.LIB_NAMES}
     floats = {n: w.wrap(w.library(n), copy.deepcopy(ctx.base), s) for n in w.LIB_NAMES}
     for m in models.values():  # train mode throughout (no dropout here): bitsandbytes' CPU inference kernel
@@ -63,11 +72,12 @@ def section_qlora(ctx) -> list[Row]:
         Row("QLoRA training step, nf4 / float base", g.ratio("lorakit", "lorakit float"),
             g.ratio("peft", "peft float")),
     ]
-    return rows + _memory_rows(ctx)
+    return rows
 
 
-def _memory_rows(ctx) -> list[Row]:
-    """Peak memory of one training step (with dropout), each library on each base in its own process."""
+def _memory_rows(ctx, folder: str) -> list[Row]:
+    """Peak memory of one training step (with dropout), each library on each base in its own process (the nf4
+    one loads the checkpoint in ``folder``, so it never holds the float model)."""
     runs = {(n, q): [] for n in w.LIB_NAMES for q in ("nf4", None)}
     failed: dict[tuple, str] = {}
     if ctx.scale is w.TINY:  # smaller than bitsandbytes' own import: a float comparison would say nothing
@@ -76,7 +86,8 @@ def _memory_rows(ctx) -> list[Row]:
         if key in failed:
             continue
         try:
-            runs[key].append(memory.measure(key[0], ctx.scale is w.TINY, ctx.threads, quantize=key[1]))
+            runs[key].append(memory.measure(key[0], ctx.scale is w.TINY, ctx.threads,
+                                            nf4_folder=folder if key[1] else None))
         except Exception as exc:  # noqa: BLE001
             failed[key] = failure_text(exc)
             ctx.errors.append(f"QLoRA memory, {key[0]} {key[1] or 'float'}: {failed[key]}")
