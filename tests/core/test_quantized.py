@@ -334,3 +334,22 @@ def test_dequantizing_a_layer_in_bitsandbytes_cpu_kernel_layout(llama_folder):
     # size (a misread layout would move weights by their own size)
     assert float(((weight - stored).abs() - stored.abs() * 2 ** -6).max()) <= 1e-9
     torch.testing.assert_close(x.double() @ weight.T, y.double(), atol=2e-2, rtol=2e-2)  # y is bf16 arithmetic
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mixed_batch_on_a_quantized_base(llama_folder, kind, tmp_path):
+    """adapter_names=[…]: each row gets its own adapter, as when that adapter alone is active."""
+    _, saved = peft_adapter(llama_folder, kind, tmp_path)
+    ours = from_pretrained(lorakit, load(llama_folder, kind), saved)
+    ours.add_adapter("other", lorakit.LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    ours.eval()
+    ids = token_ids(n=3, t=9)
+    with torch.no_grad():
+        mixed = ours(ids, adapter_names=["default", "other", "__base__"]).logits
+        expected = []
+        for row, name in enumerate(["default", "other"]):
+            ours.set_adapter(name)
+            expected.append(ours(ids[row:row + 1]).logits)
+        with ours.disable_adapter():
+            expected.append(ours(ids[2:]).logits)
+    torch.testing.assert_close(mixed, torch.cat(expected), atol=1e-5, rtol=0)
