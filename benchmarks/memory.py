@@ -11,11 +11,11 @@ rose above where it stood before that step. glibc is told to serve every large a
 A second figure, measured on a third step, is the size of the tensors autograd saved for backward (distinct
 storages, parameters excluded): it shows directly whether a dropped copy of each input is kept.
 
-With ``--nf4 FOLDER`` the base is the Llama checkpoint in FOLDER loaded in 4-bit (QLoRA, see
-:mod:`benchmarks.qlora`).
+With ``--folder FOLDER`` the base is the Llama checkpoint in FOLDER, loaded with ``from_pretrained``, in 4-bit
+with ``--nf4`` (QLoRA, see :mod:`benchmarks.qlora`).
 
-Run as ``python -m benchmarks.memory --lib lorakit|peft [--threads N] [--tiny] [--nf4 FOLDER]``; prints one JSON
-line.
+Run as ``python -m benchmarks.memory --lib lorakit|peft [--threads N] [--tiny] [--folder FOLDER [--nf4]]``;
+prints one JSON line.
 """
 
 from __future__ import annotations
@@ -68,15 +68,15 @@ def saved_for_backward(step) -> int:
     return sum(seen.values())
 
 
-def worker(lib_name: str, tiny: bool, threads: int, nf4_folder: str | None = None) -> dict:
+def worker(lib_name: str, tiny: bool, threads: int, folder: str | None = None, nf4: bool = False) -> dict:
     import torch
 
     from . import workloads as w
-    from .qlora import nf4_llama
+    from .qlora import load_llama
 
     torch.set_num_threads(threads)
     scale = w.TINY if tiny else w.FULL
-    base = nf4_llama(nf4_folder) if nf4_folder else w.llama(scale.model)
+    base = load_llama(folder, nf4) if folder else w.llama(scale.model)
     model = w.wrap(w.library(lib_name), base, scale, dropout=DROPOUT)
     model.train()
     step = w.TrainStep(model, w.token_ids(scale, *scale.train))
@@ -98,15 +98,16 @@ def worker(lib_name: str, tiny: bool, threads: int, nf4_folder: str | None = Non
     }
 
 
-def measure(lib_name: str, tiny: bool, threads: int, timeout: float = 900, nf4_folder: str | None = None) -> dict:
+def measure(lib_name: str, tiny: bool, threads: int, timeout: float = 900, folder: str | None = None,
+            nf4: bool = False) -> dict:
     """Run :func:`worker` in a fresh interpreter and return its result."""
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
     cmd = [sys.executable, "-m", "benchmarks.memory", "--lib", lib_name, "--threads", str(threads)]
     if tiny:
         cmd.append("--tiny")
-    if nf4_folder:
-        cmd += ["--nf4", nf4_folder]
+    if folder:
+        cmd += ["--folder", folder] + (["--nf4"] if nf4 else [])
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
@@ -119,12 +120,13 @@ def main() -> None:
     parser.add_argument("--lib", required=True, choices=["lorakit", "peft"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--nf4", metavar="FOLDER", help="the base: the checkpoint in FOLDER loaded in 4-bit nf4")
+    parser.add_argument("--folder", help="the base: the checkpoint in FOLDER (from_pretrained)")
+    parser.add_argument("--nf4", action="store_true", help="with --folder: loaded in 4-bit nf4 (bitsandbytes)")
     args = parser.parse_args()
     import warnings
 
     warnings.filterwarnings("ignore")
-    print(json.dumps(worker(args.lib, args.tiny, args.threads, args.nf4)))
+    print(json.dumps(worker(args.lib, args.tiny, args.threads, args.folder, args.nf4)))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The Llama is saved to a temporary folder and loaded back with transformers' ``BitsAndBytesConfig`` (4-bit nf4,
 compute in float32), as a user loads a quantized model; nothing is downloaded. Times: interleaved rounds in this
-process. Memory: each library on each base in a fresh process (``python -m benchmarks.memory --nf4 FOLDER``).
+process. Memory: each library on each base in a fresh process (``python -m benchmarks.memory --folder F [--nf4]``).
 """
 
 from __future__ import annotations
@@ -28,25 +28,31 @@ def saved_llama(kwargs: dict) -> str:
     return folder
 
 
-def nf4_llama(folder: str) -> nn.Module:
-    """The checkpoint in ``folder`` loaded in 4-bit nf4 (bitsandbytes, compute in float32), in eval mode."""
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig, LlamaForCausalLM
-    except ImportError as exc:
-        raise Unsupported(f"bitsandbytes is not installed ({exc}); pip install 'lorakit[quantized]'") from exc
-    import torch
+def load_llama(folder: str, nf4: bool = True) -> nn.Module:
+    """The checkpoint in ``folder`` loaded with ``from_pretrained``: in 4-bit nf4 (bitsandbytes, compute in float32)
+    or, with ``nf4=False``, in float32 by the same path; in eval mode."""
+    from transformers import LlamaForCausalLM
 
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    kwargs = {}
+    if nf4:
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError as exc:
+            raise Unsupported(f"bitsandbytes is not installed ({exc}); pip install 'lorakit[quantized]'") from exc
+        import torch
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return LlamaForCausalLM.from_pretrained(folder, quantization_config=config).eval()
+        return LlamaForCausalLM.from_pretrained(folder, **kwargs).eval()
 
 
 def section_qlora(ctx) -> list[Row]:
     folder = saved_llama(ctx.scale.model)
     try:
-        return _timed_rows(ctx, nf4_llama(folder)) + _memory_rows(ctx, folder)
+        return _timed_rows(ctx, load_llama(folder)) + _memory_rows(ctx, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -76,8 +82,8 @@ def _timed_rows(ctx, base: nn.Module) -> list[Row]:
 
 
 def _memory_rows(ctx, folder: str) -> list[Row]:
-    """Peak memory of one training step (with dropout), each library on each base in its own process (the nf4
-    one loads the checkpoint in ``folder``, so it never holds the float model)."""
+    """Peak memory of one training step (with dropout), each library on each base in its own process; both bases
+    are loaded from the checkpoint in ``folder`` by the same path, so the difference is the quantization's."""
     runs = {(n, q): [] for n in w.LIB_NAMES for q in ("nf4", None)}
     failed: dict[tuple, str] = {}
     if ctx.scale is w.TINY:  # smaller than bitsandbytes' own import: a float comparison would say nothing
@@ -86,8 +92,8 @@ def _memory_rows(ctx, folder: str) -> list[Row]:
         if key in failed:
             continue
         try:
-            runs[key].append(memory.measure(key[0], ctx.scale is w.TINY, ctx.threads,
-                                            nf4_folder=folder if key[1] else None))
+            runs[key].append(memory.measure(key[0], ctx.scale is w.TINY, ctx.threads, folder=folder,
+                                            nf4=key[1] == "nf4"))
         except Exception as exc:  # noqa: BLE001
             failed[key] = failure_text(exc)
             ctx.errors.append(f"QLoRA memory, {key[0]} {key[1] or 'float'}: {failed[key]}")
