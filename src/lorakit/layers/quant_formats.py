@@ -205,7 +205,10 @@ def format_of(module: nn.Module) -> Optional[QuantFormat]:
     Recognised without importing bitsandbytes or torchao: a bitsandbytes layer by its class, a torchao weight by
     the class of the tensor.
     """
-    mro = type(module).__mro__
+    cls = type(module)
+    if cls is nn.Linear and type(module._parameters.get("weight")) is nn.Parameter:
+        return None  # the common case, answered first: injection asks this of every linear layer
+    mro = cls.__mro__
     if any(_from_package(c, "bitsandbytes") for c in mro):
         names = {c.__name__ for c in mro}
         if "Linear4bit" in names:
