@@ -25,6 +25,7 @@ from . import memory
 from . import moe
 from . import workloads as w
 from .inference import section_inference
+from .qlora import section_qlora
 from .harness import BenchError, Group, Row, Stats, Target, Unsupported, failure_text, timed
 
 NO_SLOWER = Target("ratio", "<=", 1.0, "≤ 1.00")
@@ -585,6 +586,7 @@ SECTIONS: dict[str, Callable[[Context], list[Row]]] = {
     "memory": section_memory,
     "inference": section_inference,
     "moe": moe.section_moe,
+    "qlora": section_qlora,
 }
 
 

@@ -49,12 +49,13 @@ def test_quick_mode_prints_the_table_with_ratios(quick_run):
         "add_adapter, 4th adapter", "mixed decode, 2 adapters (batch 2, cache 8)",
         "mixed decode, 4 adapters (batch 4, cache 8)", "mixed prefill, 2 adapters (batch 2×4)",
         "mixed prefill, 4 adapters (batch 4×4)", "peak memory rise, training step 2×16, dropout 0.1",
-        "tensors saved for backward, same step",
+        "tensors saved for backward, same step", "QLoRA training step, nf4 base, batch 2×16",
+        "QLoRA peak resident memory, nf4 base, training step 2×16, dropout 0.1",
     ]
     for item in compared:
         assert item in rows, f"{item!r} missing from the table:\n{out}"
         assert re.fullmatch(RATIO, rows[item][2]), f"{item!r}: no lorakit/PEFT ratio in {rows[item]}"
-    for item in ["decode unmerged / merged", "mixed / single adapter, decode, 4 adapters", "add_adapter 4th / 2nd"]:
+    for item in ["decode unmerged / merged", "QLoRA training step, nf4 / float base", "mixed / single adapter, decode, 4 adapters", "add_adapter 4th / 2nd"]:
         assert all(re.fullmatch(RATIO, cell) for cell in rows[item][:2]), f"{item!r}: {rows[item]}"
     references = ["reference: hand-written minimal LoRA, decode unmerged / merged",
                   "reference: hand-written gather + 2 bmm / lorakit single, decode, 4 adapters",
