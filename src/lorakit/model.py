@@ -166,7 +166,7 @@ class LoraModel(nn.Module):
                 if not autocast_adapter_dtype:
                     module.keep_base_dtype(adapter_name)
             for t in param_targets:
-                self._adapt_parameter(t, adapter_name, config, created, updated)
+                _adapt_parameter(self, t, adapter_name, config, created, updated)
             if config.trainable_token_indices is not None:
                 inject_tokens(self.model, config, adapter_name, self.active_adapters, names, created, updated)
             active = adapter_name in self.active_adapters  # the first adapter; later ones start inactive, frozen
@@ -197,25 +197,6 @@ class LoraModel(nn.Module):
             raise
         if adapter_name in self.active_adapters:  # the first adapter: freeze the base, apply the bias choice
             mark_trainable(self, inference_mode=config.inference_mode)
-
-    def _adapt_parameter(self, target, adapter_name: str, config: LoraConfig, created: list, updated: list) -> None:
-        """Give the parameter ``target.name`` (``<module>.<parameter>``) the adapter, wrapping its module in a
-        ParamWrapper if no earlier adapter did; records what changed in ``created``/``updated`` for rollback."""
-        module_name, _, parameter = target.name.rpartition(".")
-        if not module_name:
-            raise ValueError(f"target_parameters: {parameter!r} is a parameter of the model itself; only parameters "
-                             "of its submodules can be adapted")
-        holder = self.model.get_submodule(module_name)
-        layer, new = find_or_wrap(holder, parameter)
-        if new:
-            layer.active_adapters = list(self.active_adapters)
-            parent, child = parent_and_child(self.model, module_name)
-            setattr(parent, child, layer)
-            created.append((module_name, holder))
-        else:
-            updated.append(layer)
-        layer.update_layer(adapter_name, target.r, target.alpha, config.lora_dropout, config.init_lora_weights,
-                           config.use_rslora, lora_bias=config.lora_bias)
 
     def adapter_state(self, adapter_name: str) -> dict[str, Tensor]:
         """The tensors that make up one adapter, keyed by their path in ``self.model`` (adapter name included):
@@ -450,6 +431,26 @@ class LoraModel(nn.Module):
         from .combine import add_weighted_adapter
 
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
+
+def _adapt_parameter(lora_model, target, adapter_name: str, config: LoraConfig, created: list, updated: list) -> None:
+    """Give the parameter ``target.name`` (``<module>.<parameter>``) the adapter, wrapping its module in a
+    ParamWrapper if no earlier adapter did; records what changed in ``created``/``updated`` for rollback."""
+    module_name, _, parameter = target.name.rpartition(".")
+    if not module_name:
+        raise ValueError(f"target_parameters: {parameter!r} is a parameter of the model itself; only parameters "
+                         "of its submodules can be adapted")
+    holder = lora_model.model.get_submodule(module_name)
+    layer, new = find_or_wrap(holder, parameter)
+    if new:
+        layer.active_adapters = list(lora_model.active_adapters)
+        parent, child = parent_and_child(lora_model.model, module_name)
+        setattr(parent, child, layer)
+        created.append((module_name, holder))
+    else:
+        updated.append(layer)
+    layer.update_layer(adapter_name, target.r, target.alpha, config.lora_dropout, config.init_lora_weights,
+                       config.use_rslora, lora_bias=config.lora_bias)
 
 
 def _check_new_adapter_name(adapter_name, existing) -> None:
