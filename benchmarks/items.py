@@ -26,6 +26,7 @@ from . import moe
 from . import workloads as w
 from .dora import section_dora
 from .inference import section_inference
+from .qlora import section_qlora
 from .harness import BenchError, Group, Row, Stats, Target, Unsupported, failure_text, timed
 
 NO_SLOWER = Target("ratio", "<=", 1.0, "≤ 1.00")
@@ -586,6 +587,7 @@ SECTIONS: dict[str, Callable[[Context], list[Row]]] = {
     "memory": section_memory,
     "inference": section_inference,
     "moe": moe.section_moe,
+    "qlora": section_qlora,
     "dora": section_dora,
 }
 

@@ -11,7 +11,13 @@ rose above where it stood before that step. glibc is told to serve every large a
 A second figure, measured on a third step, is the size of the tensors autograd saved for backward (distinct
 storages, parameters excluded): it shows directly whether a dropped copy of each input is kept.
 
-Run as ``python -m benchmarks.memory --lib lorakit|peft [--threads N] [--tiny] [--dora]``; prints one JSON line.
+With ``--folder FOLDER`` the base is the Llama checkpoint in FOLDER, loaded with ``from_pretrained``, in 4-bit
+with ``--nf4`` (QLoRA, see :mod:`benchmarks.qlora`).
+
+With ``--dora`` the model and batch are those of the DoRA section (:mod:`benchmarks.dora`), ``use_dora=True``.
+
+Run as ``python -m benchmarks.memory --lib lorakit|peft [--threads N] [--tiny] [--folder FOLDER [--nf4]] [--dora]``;
+prints one JSON line.
 """
 
 from __future__ import annotations
@@ -68,10 +74,12 @@ status_kib = _status_kib  # public names for other benchmark workers (benchmarks
 reset_peak = _reset_peak
 
 
-def worker(lib_name: str, tiny: bool, threads: int, dora: bool = False) -> dict:
+def worker(lib_name: str, tiny: bool, threads: int, folder: str | None = None, nf4: bool = False,
+           dora: bool = False) -> dict:
     import torch
 
     from . import workloads as w
+    from .qlora import load_llama
 
     torch.set_num_threads(threads)
     scale = w.TINY if tiny else w.FULL
@@ -81,7 +89,8 @@ def worker(lib_name: str, tiny: bool, threads: int, dora: bool = False) -> dict:
         model = d.wrap(w.library(lib_name), w.llama(scale.model if tiny else d.MODEL), scale, dropout=DROPOUT)
         ids = w.token_ids(scale, *(scale.train if tiny else d.TRAIN))
     else:
-        model = w.wrap(w.library(lib_name), w.llama(scale.model), scale, dropout=DROPOUT)
+        base = load_llama(folder, nf4) if folder else w.llama(scale.model)
+        model = w.wrap(w.library(lib_name), base, scale, dropout=DROPOUT)
         ids = w.token_ids(scale, *scale.train)
     model.train()
     step = w.TrainStep(model, ids)
@@ -96,19 +105,23 @@ def worker(lib_name: str, tiny: bool, threads: int, dora: bool = False) -> dict:
         "lib": lib_name,
         "step_peak_mib": (peak - before) / 1024,
         "rss_before_mib": before / 1024,
+        "peak_mib": peak / 1024,
         "saved_mib": saved / MIB,
         "step_seconds": seconds,
         "method": "VmHWM reset before the step" if exact else "ru_maxrss (whole process; no reset possible)",
     }
 
 
-def measure(lib_name: str, tiny: bool, threads: int, timeout: float = 900, dora: bool = False) -> dict:
+def measure(lib_name: str, tiny: bool, threads: int, timeout: float = 900, folder: str | None = None,
+            nf4: bool = False, dora: bool = False) -> dict:
     """Run :func:`worker` in a fresh interpreter and return its result."""
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
     cmd = [sys.executable, "-m", "benchmarks.memory", "--lib", lib_name, "--threads", str(threads)]
     if tiny:
         cmd.append("--tiny")
+    if folder:
+        cmd += ["--folder", folder] + (["--nf4"] if nf4 else [])
     if dora:
         cmd.append("--dora")
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
@@ -123,12 +136,14 @@ def main() -> None:
     parser.add_argument("--lib", required=True, choices=["lorakit", "peft"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--folder", help="the base: the checkpoint in FOLDER (from_pretrained)")
+    parser.add_argument("--nf4", action="store_true", help="with --folder: loaded in 4-bit nf4 (bitsandbytes)")
     parser.add_argument("--dora", action="store_true", help="the DoRA section's model, use_dora=True")
     args = parser.parse_args()
     import warnings
 
     warnings.filterwarnings("ignore")
-    print(json.dumps(worker(args.lib, args.tiny, args.threads, args.dora)))
+    print(json.dumps(worker(args.lib, args.tiny, args.threads, args.folder, args.nf4, args.dora)))
 
 
 if __name__ == "__main__":

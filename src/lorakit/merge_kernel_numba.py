@@ -8,7 +8,6 @@ reassociation), so each operation rounds as IEEE 754 says.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from llvmlite import ir

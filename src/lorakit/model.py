@@ -22,6 +22,7 @@ from .keys import LORA_PREFIX, adapter_key_pattern, check_adapter_names, is_adap
 from .layers import LoraLayer, is_linear, lora_layer_for
 from .layers.multihead import check_targets, uncalled_children
 from .layers.parameter import direct_parameters, find_or_wrap
+from .layers.quantized import dequantize_quantized_layers, warn_requantization
 from .mixed_batch import BASE, mixed_batch
 from .modules_to_save import ModulesToSaveWrapper
 from .targeting import modules_to_save_names, select_parameters, select_targets, unadapted_expert_parameters
@@ -30,6 +31,21 @@ from .trainable_tokens import TrainableTokensWrapper, inject_tokens
 from .walk import base_of, head_names, merged_names, parent_and_child, walk
 
 __all__ = ["LoraModel"]
+
+
+def _state_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """The ``(name, tensor)`` pairs of ``model.state_dict(keep_vars=True)`` that parameters and persistent buffers
+    make, read without calling the modules' ``_save_to_state_dict``: bitsandbytes 4-bit layers rewrite their weight
+    there (from the CPU kernel's layout back to the stored one, which changes their outputs), and reading an
+    adapter must not touch the base model."""
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for name, p in module._parameters.items():
+            if p is not None:
+                yield dot + name, p
+        for name, b in module._buffers.items():
+            if b is not None and name not in module._non_persistent_buffers_set:
+                yield dot + name, b
 
 
 class LoraModel(nn.Module):
@@ -150,7 +166,7 @@ class LoraModel(nn.Module):
                 if not autocast_adapter_dtype:
                     module.keep_base_dtype(adapter_name)
             for t in param_targets:
-                self._adapt_parameter(t, adapter_name, config, created, updated)
+                _adapt_parameter(self, t, adapter_name, config, created, updated)
             if config.trainable_token_indices is not None:
                 inject_tokens(self.model, config, adapter_name, self.active_adapters, names, created, updated)
             active = adapter_name in self.active_adapters  # the first adapter; later ones start inactive, frozen
@@ -182,31 +198,12 @@ class LoraModel(nn.Module):
         if adapter_name in self.active_adapters:  # the first adapter: freeze the base, apply the bias choice
             mark_trainable(self, inference_mode=config.inference_mode)
 
-    def _adapt_parameter(self, target, adapter_name: str, config: LoraConfig, created: list, updated: list) -> None:
-        """Give the parameter ``target.name`` (``<module>.<parameter>``) the adapter, wrapping its module in a
-        ParamWrapper if no earlier adapter did; records what changed in ``created``/``updated`` for rollback."""
-        module_name, _, parameter = target.name.rpartition(".")
-        if not module_name:
-            raise ValueError(f"target_parameters: {parameter!r} is a parameter of the model itself; only parameters "
-                             "of its submodules can be adapted")
-        holder = self.model.get_submodule(module_name)
-        layer, new = find_or_wrap(holder, parameter)
-        if new:
-            layer.active_adapters = list(self.active_adapters)
-            parent, child = parent_and_child(self.model, module_name)
-            setattr(parent, child, layer)
-            created.append((module_name, holder))
-        else:
-            updated.append(layer)
-        layer.update_layer(adapter_name, target.r, target.alpha, config.lora_dropout, config.init_lora_weights,
-                           config.use_rslora, lora_bias=config.lora_bias, use_dora=config.use_dora)
-
     def adapter_state(self, adapter_name: str) -> dict[str, Tensor]:
         """The tensors that make up one adapter, keyed by their path in ``self.model`` (adapter name included):
         its LoRA factors, its modules_to_save copies, and the biases its ``bias`` setting trains."""
         check_adapter_names([adapter_name], self.peft_config)
         mine = adapter_key_pattern(adapter_name)
-        state = {k: v for k, v in self.model.state_dict(keep_vars=True).items() if mine.search(k)}
+        state = {k: v for k, v in _state_tensors(self.model) if mine.search(k)}
         bias = self.peft_config[adapter_name].bias
         if bias == "all":
             state.update({
@@ -353,7 +350,8 @@ class LoraModel(nn.Module):
         if already:
             warnings.warn(f"adapter(s) {already} are already merged; merging them again does nothing", stacklevel=2)
             names = [n for n in names if n not in already]
-        layers = [layer for _, layer in self.lora_layers() if any(n in layer.r for n in names)]
+        named = [(n, layer) for n, layer in self.lora_layers() if any(a in layer.r for a in names)]
+        layers = [layer for _, layer in named]
         for layer in layers:
             layer.check_mergeable()
             layer.check_dora_mergeable(names)
@@ -365,6 +363,7 @@ class LoraModel(nn.Module):
         for layer in layers:
             layer.merge(names, own_weight=id(layer.weight) in shared, scratch=scratch,
                         reversible=reversible)
+        warn_requantization(named)  # quantized layers round the merged weights: say how much
 
     def _shared_weights(self) -> set[int]:
         counts = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
@@ -408,8 +407,18 @@ class LoraModel(nn.Module):
             model_config.tie_word_embeddings = False  # the merged weights differ now; don't let a reload re-tie them
         return self.model
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
-        """Merge the adapters and return the bare base model (original module classes, no trace of lorakit)."""
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None,
+                         dequantize: bool = False) -> nn.Module:
+        """Merge the adapters and return the bare base model (original module classes, no trace of lorakit).
+
+        Quantized layers are merged by quantizing ``W + s·B@A`` again (with a :class:`RequantizationWarning` saying
+        how much that rounded). ``dequantize=True`` instead returns a float model: every quantized linear layer
+        becomes an ``nn.Linear`` holding its dequantized weight plus the exact updates.
+        """
+        if dequantize:
+            check_adapter_names(list(self.active_adapters if adapter_names is None else adapter_names),
+                                self.peft_config)
+            dequantize_quantized_layers(self.model)
         return self._unwrap(True, safe_merge, adapter_names)
 
     def unload(self) -> nn.Module:
@@ -423,6 +432,26 @@ class LoraModel(nn.Module):
         from .combine import add_weighted_adapter
 
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
+
+def _adapt_parameter(lora_model, target, adapter_name: str, config: LoraConfig, created: list, updated: list) -> None:
+    """Give the parameter ``target.name`` (``<module>.<parameter>``) the adapter, wrapping its module in a
+    ParamWrapper if no earlier adapter did; records what changed in ``created``/``updated`` for rollback."""
+    module_name, _, parameter = target.name.rpartition(".")
+    if not module_name:
+        raise ValueError(f"target_parameters: {parameter!r} is a parameter of the model itself; only parameters "
+                         "of its submodules can be adapted")
+    holder = lora_model.model.get_submodule(module_name)
+    layer, new = find_or_wrap(holder, parameter)
+    if new:
+        layer.active_adapters = list(lora_model.active_adapters)
+        parent, child = parent_and_child(lora_model.model, module_name)
+        setattr(parent, child, layer)
+        created.append((module_name, holder))
+    else:
+        updated.append(layer)
+    layer.update_layer(adapter_name, target.r, target.alpha, config.lora_dropout, config.init_lora_weights,
+                       config.use_rslora, lora_bias=config.lora_bias, use_dora=config.use_dora)
 
 
 def _check_new_adapter_name(adapter_name, existing) -> None:

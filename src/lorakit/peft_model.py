@@ -137,8 +137,9 @@ class PeftModel(nn.Module):
     def unmerge_adapter(self) -> None:
         self.base_model.unmerge_adapter()
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
-        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None,
+                         dequantize: bool = False) -> nn.Module:
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names, dequantize=dequantize)
 
     def unload(self) -> nn.Module:
         return self.base_model.unload()
@@ -149,12 +150,13 @@ class PeftModel(nn.Module):
     # -- counting ------------------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, all)`` parameter counts of the whole adapted model, shared tensors counted once (PEFT's
-        numbers)."""
+        numbers: a bitsandbytes 4-bit weight counts the weights it packs, two per byte of storage)."""
         trainable = total = 0
         for p in self.parameters():
-            total += p.numel()
+            n = p.numel() * 2 * p.element_size() if type(p).__name__ == "Params4bit" else p.numel()
+            total += n
             if p.requires_grad:
-                trainable += p.numel()
+                trainable += n
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

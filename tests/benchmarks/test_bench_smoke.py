@@ -49,7 +49,8 @@ def test_quick_mode_prints_the_table_with_ratios(quick_run):
         "add_adapter, 4th adapter", "mixed decode, 2 adapters (batch 2, cache 8)",
         "mixed decode, 4 adapters (batch 4, cache 8)", "mixed prefill, 2 adapters (batch 2×4)",
         "mixed prefill, 4 adapters (batch 4×4)", "peak memory rise, training step 2×16, dropout 0.1",
-        "tensors saved for backward, same step",
+        "tensors saved for backward, same step", "QLoRA training step, nf4 base, batch 2×16",
+        "QLoRA peak resident memory, nf4 base, training step 2×16, dropout 0.1",
         "DoRA training step, batch 2×16", "DoRA training step, batch 2×16, dropout 0.1",
         "DoRA eval forward, batch 2×16", "DoRA decode step, batch 1, cache 8", "DoRA merge_adapter",
         "DoRA peak memory rise, training step, dropout 0.1",
@@ -60,7 +61,7 @@ def test_quick_mode_prints_the_table_with_ratios(quick_run):
     for item in ["DoRA / LoRA training step", "DoRA / LoRA training step, dropout 0.1"]:
         assert all(re.fullmatch(RATIO, cell) for cell in rows[item][:2]), f"{item!r}: {rows[item]}"
     assert rows["DoRA merge→unmerge, largest weight error (bf16, 1 cycle)"][0] == "0"
-    for item in ["decode unmerged / merged", "mixed / single adapter, decode, 4 adapters", "add_adapter 4th / 2nd"]:
+    for item in ["decode unmerged / merged", "QLoRA training step, nf4 / float base", "mixed / single adapter, decode, 4 adapters", "add_adapter 4th / 2nd"]:
         assert all(re.fullmatch(RATIO, cell) for cell in rows[item][:2]), f"{item!r}: {rows[item]}"
     references = ["reference: hand-written minimal LoRA, decode unmerged / merged",
                   "reference: hand-written gather + 2 bmm / lorakit single, decode, 4 adapters",

@@ -86,6 +86,10 @@ def _finetune_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help=f"precision of the base model; the adapters train in float32 (default: {d.dtype}: bfloat16 "
                         "on a GPU that computes in it, else float32)")
+    p.add_argument("--quantize", choices=["nf4", "int8"], default=None,
+                   help="QLoRA: quantize the base's linear layers (not the output head) after loading, with "
+                        "bitsandbytes: nf4 (4-bit, double quantization) or int8 (LLM.int8()); the adapter trains in "
+                        "float32 and loads on the float model too (needs pip install 'lorakit[quantized]')")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over even if --out holds a run")
     p.add_argument("--eval-only", action="store_true",

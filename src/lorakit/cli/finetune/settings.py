@@ -49,6 +49,8 @@ class Settings:
     max_new_tokens: int = field(default=32, metadata=FREE)
     device: str = field(default="auto", metadata=FREE)  # auto: CUDA, else MPS, else the CPU (see cli.device)
     dtype: str = field(default="auto", metadata={"choices": DTYPE_CHOICES})  # of the base model; adapters: float32
+    # QLoRA: the base's linear layers quantized after loading ("nf4" or "int8"); the adapter stays float32
+    quantize: Optional[str] = field(default=None, metadata={"choices": ("nf4", "int8")})
     resume: bool = field(default=False, metadata=ACTION)
     overwrite: bool = field(default=False, metadata=ACTION)
     eval_only: bool = field(default=False, metadata=ACTION)  # score --adapter, no training
@@ -81,7 +83,7 @@ class Settings:
             raise ValueError("--targets is empty: expected 'all-linear' or module names separated by commas")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
+            if choices and getattr(self, f.name) is not None and getattr(self, f.name) not in choices:
                 need(False, f.name, getattr(self, f.name), f"one of {', '.join(map(str, choices))}")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
