@@ -30,12 +30,12 @@ from torch import Tensor, nn
 from .convert import from_peft, strip_peft_prefix, to_peft, to_peft_key
 from .distributed import gather_full, is_sharded, rank
 from .config import CONFIG_NAME, LoraConfig, config_json
-from .io import HUB_KWARGS, atomic_write_many, resolve_file, written_by_lorakit
+from .io import HUB_KWARGS, atomic_write_many, resolve_file
 from .keys import PEFT_PREFIX, is_adapter_key
 from .pissa import converted_config, converted_state
 from .layers import Linear as LoraLinear
 from .layers import LoraLayer
-from .layers.multihead import peft_out_proj_as_trained
+from .layers.multihead import doubled_from_file, halved_for_file, out_proj_b_keys
 from .version import __version__
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -125,6 +125,7 @@ def save_adapters(
     for name, config, tensors in found:
         if state_dict is not None:
             tensors = _taken_from(state_dict, tensors)
+        tensors = halved_for_file(tensors, out_proj_b_keys(lora_model, name), PEFT_PREFIX)  # PEFT's meaning
         peft_keyed = to_peft(strip_peft_prefix(tensors), name)
         out = folder if name == "default" else folder / name
         jobs.append((out, _for_disk(peft_keyed), _config_json(lora_model, config, name), _layout_note(lora_model, name)))
@@ -423,8 +424,7 @@ class FileAdapter:
         state, rest = from_peft(self.tensors, own, self.adapter_name, self.source)
         for key, tensor in state.items():
             self._check_shape(to_peft_key(key, self.adapter_name), tensor, own[key])
-        if not written_by_lorakit(self.source):  # a PEFT file: trained with PEFT's doubled out_proj update
-            state = peft_out_proj_as_trained(self.lora_model, self.adapter_name, own, state, self.source)
+        state = doubled_from_file(state, out_proj_b_keys(self.lora_model, self.adapter_name))  # PEFT's meaning
         self.base = self._base_tensors(rest)
         return state
 

@@ -26,7 +26,8 @@ from .base import LoraLayer
 from .construction import Factor
 from .linear import Linear
 
-__all__ = ["MultiheadAttention", "check_targets", "peft_out_proj_as_trained", "uncalled_children"]
+__all__ = ["MultiheadAttention", "check_targets", "doubled_from_file", "halved_for_file", "out_proj_b_keys",
+           "uncalled_children"]
 
 
 class MultiheadAttention(LoraLayer):
@@ -166,29 +167,27 @@ def check_targets(targets: list, uncalled: Sequence[str], all_linear: bool) -> l
     return [t for t in targets if t.name not in uncalled]
 
 
-def peft_out_proj_as_trained(lora_model, adapter_name: str, own: dict, state: dict, source) -> dict:
-    """``state`` (an adapter file's tensors, keyed like ``own``) with each MultiheadAttention's ``out_proj`` B
-    doubled: PEFT 0.21.2 adds ``out_proj``'s update twice (in its forward and its merge; its PR 3774), so a file it
-    wrote holds half of the update its model was trained and evaluated with. Doubling is exact, so the loaded model
-    gives PEFT's outputs. Files lorakit writes hold the update as applied (and are loaded as they are)."""
-    doubled = {}
+def out_proj_b_keys(lora_model, adapter_name: str) -> set[str]:
+    """The keys (paths in the user's model, as :meth:`lorakit.LoraModel.adapter_state` gives them) of every
+    MultiheadAttention's ``out_proj`` B of one adapter.
+
+    PEFT 0.21.2 adds ``out_proj``'s update twice (in its forward and its merge; its PR 3774), so in PEFT's files that
+    B holds half of the update the model applies. lorakit applies the update once and keeps the files' meaning:
+    it writes half of its B (:func:`halved_for_file`) and reads the file's B doubled (:func:`doubled_from_file`),
+    both exact, so files give equal outputs in both libraries."""
+    keys = set()
     for name, layer in lora_model.lora_layers():
         if isinstance(layer, MultiheadAttention) and adapter_name in layer.out_proj_layer.r:
-            B = layer.out_proj_layer.lora_B[adapter_name].weight
-            doubled[(B.data_ptr(), tuple(B.shape))] = name
-    if not doubled:
-        return state
-    state, changed = dict(state), []
-    for key, tensor in own.items():
-        name = doubled.get((tensor.data_ptr(), tuple(tensor.shape)))
-        if name is not None and key in state and bool(state[key].any()):
-            state[key] = state[key] * 2
-            changed.append(name)
-    if changed:
-        warnings.warn(
-            f"{source}: PEFT 0.21.2 applies nn.MultiheadAttention's out_proj update twice (its PR 3774); this file "
-            f"was written by PEFT, so out_proj's lora_B of {changed} is loaded doubled to give PEFT's outputs "
-            "(lorakit applies the update once; a file lorakit saves holds it as applied)",
-            stacklevel=4,
-        )
-    return state
+            target = layer.out_proj_layer.lora_B[adapter_name]
+            keys.update(f"{sub}.weight" for sub, module in layer.named_modules(prefix=name) if module is target)
+    return keys
+
+
+def halved_for_file(tensors: dict, keys: set[str], prefix: str = "") -> dict:
+    """``tensors`` with ``prefix + key`` halved for each of ``keys`` (see :func:`out_proj_b_keys`); new tensors."""
+    return {k: (v * 0.5 if k[len(prefix):] in keys and k.startswith(prefix) else v) for k, v in tensors.items()}
+
+
+def doubled_from_file(state: dict, keys: set[str]) -> dict:
+    """``state`` (keyed like the adapter's own tensors) with each of ``keys`` doubled (see :func:`out_proj_b_keys`)."""
+    return {k: (v * 2 if k in keys else v) for k, v in state.items()}
