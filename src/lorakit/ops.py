@@ -6,7 +6,8 @@ of the forward:
 - :class:`_DroppedLora` does the same with dropout on ``x`` without keeping a dropped copy of ``x`` for backward:
   the mask is kept as bits, 1/32 of a float32 copy (PEFT keeps a full-size dropped copy, plus a byte-per-element
   mask, per adapted layer).
-- :func:`add_lora_rows` adds a different adapter to each batch row with two batched matmuls (mixed batches).
+- :func:`add_lora_rows` adds a different adapter to each batch row with two batched matmuls (mixed batches);
+  :func:`add_lora_groups` does it with the rows grouped by adapter, so the factors need no per-row copy.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "add_lora",
     "add_dropped_lora",
     "add_lora_rows",
+    "add_lora_groups",
     "keep_mask",
     "pack_bits",
     "unpack_bits",
@@ -178,3 +180,22 @@ def add_lora_rows(out: Tensor, h_in: Tensor, A_rows: Tensor, B_rows: Tensor) -> 
     h = torch.bmm(h_in.reshape(n, -1, h_in.shape[-1]), A_rows.transpose(1, 2))
     y = torch.bmm(h, B_rows.transpose(1, 2))
     return out + y.view(out.shape).to(out.dtype)
+
+
+def add_lora_groups(out: Tensor, h_in: Tensor, take: Tensor, dest: Tensor, src: Tensor | None,
+                    *stacks: Tensor) -> Tensor:
+    """Mixed-batch rows grouped by adapter: ``out[dest] += (h_in[take] @ S₁.T @ S₂.T …)[src]``, batched per group.
+
+    ``h_in`` is ``(N, …, in)``; ``take`` (``G·c`` rows of ``h_in``, group by group) regroups it as ``(G, c·…, in)``;
+    each stack is ``(G, k_out, k_in)``, one matrix per group (``A`` then ``scaling·B`` for a linear layer).
+    Result rows ``src`` (all when ``None``) are added to batch rows ``dest``; other rows of ``out`` are unchanged.
+    """
+    groups = stacks[0].shape[0]
+    n = take.shape[0]
+    h = h_in.reshape(h_in.shape[0], -1, h_in.shape[-1])[take].view(groups, -1, h_in.shape[-1])
+    for stack in stacks:
+        h = torch.bmm(h, stack.transpose(1, 2))
+    y = h.view(n, *out.shape[1:])
+    if src is not None:
+        y = y[src]
+    return out.index_add(0, dest, y.to(out.dtype))

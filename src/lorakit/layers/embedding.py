@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import add_lora
+from ..ops import add_lora, add_lora_groups
 from .base import LoraLayer
 from .rows import RowAdapters
 
@@ -56,12 +56,17 @@ class Embedding(LoraLayer):
         return add_lora(out, self._lookup(x, A.T), B, self.scaling[adapter_name])
 
     def _add_row_outputs(self, out: Tensor, x: Tensor, rows: RowAdapters) -> Tensor:
-        """One lookup in all adapters' A tables laid end to end, then one batched matmul with each row's B."""
+        """One lookup in all adapters' A tables laid end to end, then batched matmuls with B, grouped by adapter."""
         index = rows.for_batch(x.shape[0])
         A_stack, B_stack = self._stacked_factors(rows.names)  # (K+1, r, num), (K+1, dim, r)
         tables = A_stack.transpose(1, 2).reshape(-1, A_stack.shape[1])  # ((K+1)·num, r)
         offset = (index * self.in_features).view(-1, *([1] * (x.dim() - 1)))
         h = F.embedding(x + offset, tables)
         n = x.shape[0]
-        y = torch.bmm(h.reshape(n, -1, h.shape[-1]), rows.rows_of(B_stack, n).transpose(1, 2))
-        return out + y.view(out.shape).to(out.dtype)
+        if rows.in_order and n == len(rows.names):  # row i runs adapter i: B's stack as it is
+            y = torch.bmm(h.reshape(n, -1, h.shape[-1]), B_stack[1:].transpose(1, 2))
+            return out + y.view(out.shape).to(out.dtype)
+        groups = rows.groups(n)  # rows grouped by adapter, base rows left out
+        if groups is None:
+            return out
+        return add_lora_groups(out, h, groups.take, groups.dest, groups.src, B_stack[groups.slots])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import add_dropped_lora, add_lora, add_lora_rows
+from ..ops import add_dropped_lora, add_lora, add_lora_groups, add_lora_rows
 from .base import LoraLayer
 from .construction import Factor
 from .init import initialize
@@ -119,7 +119,12 @@ class Linear(LoraLayer):
             if p.any():
                 p = p.view(-1, *([1] * (x.dim() - 1)))
                 x = x * torch.bernoulli((1 - p).expand_as(x)) / (1 - p)
-        out = add_lora_rows(out, x, rows.rows_of(A_stack, x.shape[0]), rows.rows_of(B_stack, x.shape[0]))
+        n = x.shape[0]
+        if rows.in_order and n == len(rows.names):  # row i runs adapter i: the stacks as they are
+            out = add_lora_rows(out, x, A_stack[1:], B_stack[1:])
+        elif (groups := rows.groups(n)) is not None:  # rows grouped by adapter, base rows left out
+            out = add_lora_groups(out, x, groups.take, groups.dest, groups.src, A_stack[groups.slots],
+                                  B_stack[groups.slots])
         biases = [self.lora_bias_of(n) if n in self.r else None for n in rows.names]
         if all(b is None for b in biases):
             return out

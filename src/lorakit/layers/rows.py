@@ -7,13 +7,53 @@ builds it for the length of one call.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["RowAdapters", "StackCache"]
+__all__ = ["RowAdapters", "RowGroups", "StackCache"]
+
+
+@dataclass(frozen=True)
+class RowGroups:
+    """A batch's rows sorted by adapter, for batched matmuls over adapters rather than over rows.
+
+    ``take`` lists the rows of ``G = len(slots)`` groups of ``size`` rows each, group ``g`` being the rows of
+    adapter slot ``slots[g]`` (a slice of the stack when the slots are consecutive, so the factors are a view);
+    a group with fewer rows repeats its last row. Result row ``src[j]`` (all of them when ``src`` is ``None``)
+    belongs to batch row ``dest[j]``; base rows (slot 0) are in no group and get nothing.
+    """
+
+    slots: "slice | Tensor"
+    size: int
+    take: Tensor
+    dest: Tensor
+    src: Optional[Tensor]
+
+    @classmethod
+    def of(cls, per_row: Sequence[int], device: torch.device) -> Optional["RowGroups"]:
+        """The grouping of rows whose adapter slots are ``per_row``; ``None`` when every row is a base row."""
+        buckets: dict[int, list[int]] = {}
+        for n, slot in enumerate(per_row):
+            if slot:
+                buckets.setdefault(slot, []).append(n)
+        if not buckets:
+            return None
+        slots = sorted(buckets)
+        size = max(map(len, buckets.values()))
+        take, src = [], []
+        for g, slot in enumerate(slots):
+            rows = buckets[slot]
+            take += rows + rows[-1:] * (size - len(rows))
+            src += range(g * size, g * size + len(rows))
+        padded = len(src) != len(take)
+        dest = [take[j] for j in src] if padded else take
+        consecutive = slots == list(range(slots[0], slots[-1] + 1))
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+        return cls(slice(slots[0], slots[-1] + 1) if consecutive else as_tensor(slots), size, as_tensor(take),
+                   as_tensor(dest), as_tensor(src) if padded else None)
 
 
 @dataclass(frozen=True)
@@ -33,13 +73,27 @@ class RowAdapters:
     in_order: bool = False
     #: layers may see each row repeated ``k`` times in a row (``generate``'s beams and returned sequences)
     copies: bool = False
+    #: each row's adapter slot as Python ints (the grouping is worked out from them without reading the device)
+    slots: tuple[int, ...] = ()
+    groupings: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_names(cls, adapter_names: Sequence[str], base: str, device: torch.device,
                    copies: bool = False) -> "RowAdapters":
         names = tuple(dict.fromkeys(n for n in adapter_names if n != base))
-        index = torch.tensor([0 if n == base else names.index(n) + 1 for n in adapter_names], device=device)
-        return cls(names, index, in_order=list(adapter_names) == list(names), copies=copies)
+        slots = tuple(0 if n == base else names.index(n) + 1 for n in adapter_names)
+        index = torch.tensor(slots, device=device)
+        return cls(names, index, in_order=list(adapter_names) == list(names), copies=copies, slots=slots)
+
+    def groups(self, n: int) -> Optional[RowGroups]:
+        """The rows of a batch of ``n`` grouped by adapter (:class:`RowGroups`), worked out once per batch size
+        and shared by every layer; ``None`` when all rows are base rows."""
+        if n not in self.groupings:
+            self.for_batch(n)  # the same check as everywhere
+            slots = self.slots or tuple(self.index.tolist())
+            per_row = [s for s in slots for _ in range(n // len(slots))]
+            self.groupings[n] = RowGroups.of(per_row, self.index.device)
+        return self.groupings[n]
 
     def rows_of(self, stack: Tensor, n: int) -> Tensor:
         """``stack[index]`` for a batch of ``n`` rows; a view of ``stack``, not a copy, when rows are in order."""
