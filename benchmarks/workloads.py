@@ -281,6 +281,10 @@ def check_mixed(lib_name: str, model: nn.Module, names: list[str], ids: torch.Te
     try:
         rows = []
         for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    rows.append(logits(model, ids[i : i + 1])[0])
+                continue
             model.set_adapter(name)
             rows.append(logits(model, ids[i : i + 1])[0])
     finally:
