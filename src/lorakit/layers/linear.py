@@ -125,8 +125,9 @@ class Linear(LoraLayer):
         elif (groups := rows.groups(n)) is not None:  # rows grouped by adapter, base rows left out
             out = add_lora_groups(out, x, groups.take, groups.dest, groups.src, A_stack[groups.slots],
                                   B_stack[groups.slots])
-        biases = [self.lora_bias_of(n) if n in self.r else None for n in rows.names]
-        if all(b is None for b in biases):
+        factors = self._modules["lora_B"]._modules  # each adapter's lora_bias, read without a call per adapter
+        biases = [factors[n]._parameters.get("bias") if n in factors else None for n in rows.names]
+        if biases.count(None) == len(biases):
             return out
         zero = out.new_zeros(out.shape[-1])  # lora_bias adapters: each row adds its adapter's s·b
         stack = torch.stack([zero] + [zero if b is None else (b * self.scaling[n]).to(out.dtype)
