@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 import torch
@@ -24,6 +25,7 @@ try:  # the global hooks that Module.__call__ checks (see Linear.forward)
 except ImportError:  # a torch that keeps them elsewhere: assume there are hooks, always call the module
     _global_forward_hooks = _global_forward_pre_hooks = _global_backward_hooks = _global_backward_pre_hooks = {0: 0}
 _LINEAR_FORWARD = nn.Linear.forward
+_PARAMETERS, _WEIGHT = operator.attrgetter("_parameters"), operator.itemgetter("weight")
 
 __all__ = ["Linear", "is_conv1d"]
 
@@ -100,12 +102,13 @@ class Linear(LoraLayer):
         return out if bias is None else out + (bias * self.scaling[adapter_name]).to(out.dtype)
 
     def _factor_list(self, names: Sequence[str]) -> list[Tensor]:
-        """As the base class's, read in one loop without a method call per adapter: a mixed batch reads every
+        """As the base class's, read in C loops without a method call per adapter: a mixed batch reads every
         adapter's factors in every layer at every step. Factor modules hold ``weight`` in ``_parameters`` unless
         something (a parametrization) replaced it; then the general path."""
-        A, B = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
+        modules = [*map(self._modules["lora_A"]._modules.__getitem__, names),
+                   *map(self._modules["lora_B"]._modules.__getitem__, names)]
         try:
-            return [t for n in names for t in (A[n]._parameters["weight"], B[n]._parameters["weight"])]
+            return list(map(_WEIGHT, map(_PARAMETERS, modules)))
         except KeyError:
             return super()._factor_list(names)
 

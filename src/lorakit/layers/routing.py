@@ -49,8 +49,9 @@ class RowRouting:
         grad = torch.is_grad_enabled() or torch.compiler.is_compiling()  # a compiled graph builds its own stacks
         if not grad and self._stack_cache is not None and self._stack_cache.matches(names, scalings, tensors):
             return self._stack_cache.stacks
-        pairs = dict(zip(present, zip(tensors[0::2], tensors[1::2])))
-        any_A, any_B = tensors[:2]
+        k = len(present)
+        pairs = dict(zip(present, zip(tensors[:k], tensors[k:])))
+        any_A, any_B = tensors[0], tensors[k]
         r_max = max(self.r[n] for n in present)
         As = [any_A.new_zeros(r_max, *any_A.shape[1:])]
         Bs = [any_B.new_zeros(any_B.shape[0], r_max)]
@@ -67,5 +68,6 @@ class RowRouting:
         return A_stack, B_stack
 
     def _factor_list(self, names: Sequence[str]) -> list[Tensor]:
-        """``[A, B, A, B, …]`` (:meth:`factors`) of the adapters ``names``, all present in this layer."""
-        return [t for n in names for t in self.factors(n)]
+        """``[A₁, A₂, …, B₁, B₂, …]`` (:meth:`factors`) of the adapters ``names``, all present in this layer."""
+        pairs = [self.factors(n) for n in names]
+        return [A for A, _ in pairs] + [B for _, B in pairs]
