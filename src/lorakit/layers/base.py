@@ -199,9 +199,9 @@ class LoraLayer(DoraMixin, AdapterScales, RowRouting, nn.Module):
         if self._rows is not None:
             rows = self._rows
             rows.for_batch(x.shape[0])  # every layer checks the rows it receives, even where it adds nothing
-            if self.disable_adapters or self.r.keys().isdisjoint(rows.names):
+            if self.disable_adapters or not any(n in self.r for n in rows.names):
                 return out
-            if not self.lora_magnitude_vector._modules.keys().isdisjoint(rows.names):  # DoRA rows: one by one
+            if any(n in self.lora_magnitude_vector._modules for n in rows.names):  # DoRA rows: adapter by adapter
                 return LoraLayer._add_row_outputs(self, out, x, rows)
             return self._add_row_outputs(out, x, rows)
         if self._dora_live:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Sequence
 
 import torch
@@ -25,7 +24,6 @@ try:  # the global hooks that Module.__call__ checks (see Linear.forward)
 except ImportError:  # a torch that keeps them elsewhere: assume there are hooks, always call the module
     _global_forward_hooks = _global_forward_pre_hooks = _global_backward_hooks = _global_backward_pre_hooks = {0: 0}
 _LINEAR_FORWARD = nn.Linear.forward
-_PARAMETERS, _WEIGHT = operator.attrgetter("_parameters"), operator.itemgetter("weight")
 
 __all__ = ["Linear", "is_conv1d"]
 
@@ -102,13 +100,12 @@ class Linear(LoraLayer):
         return out if bias is None else out + (bias * self.scaling[adapter_name]).to(out.dtype)
 
     def _factor_list(self, names: Sequence[str]) -> list[Tensor]:
-        """As the base class's, read in C loops without a method call per adapter: a mixed batch reads every
+        """As the base class's, read without a method call per adapter: a mixed batch reads every
         adapter's factors in every layer at every step. Factor modules hold ``weight`` in ``_parameters`` unless
         something (a parametrization) replaced it; then the general path."""
-        modules = [*map(self._modules["lora_A"]._modules.__getitem__, names),
-                   *map(self._modules["lora_B"]._modules.__getitem__, names)]
+        A, B = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
         try:
-            return list(map(_WEIGHT, map(_PARAMETERS, modules)))
+            return [A[n]._parameters["weight"] for n in names] + [B[n]._parameters["weight"] for n in names]
         except KeyError:
             return super()._factor_list(names)
 

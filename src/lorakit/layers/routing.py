@@ -43,9 +43,9 @@ class RowRouting:
 
         Cached while no gradient is recorded (see :class:`~lorakit.layers.rows.StackCache`).
         """
-        present = list(filter(self.r.__contains__, names))  # C loops: this runs in every layer at every step
+        present = [n for n in names if n in self.r]
         tensors = self._factor_list(present)
-        scalings = list(map(self.scaling.get, names))
+        scalings = [self.scaling.get(n) for n in names]
         grad = torch.is_grad_enabled() or torch.compiler.is_compiling()  # a compiled graph builds its own stacks
         if not grad and self._stack_cache is not None and self._stack_cache.matches(names, scalings, tensors):
             return self._stack_cache.stacks
