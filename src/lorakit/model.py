@@ -48,6 +48,16 @@ def _state_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
                 yield dot + name, b
 
 
+def _settled_layers(config: LoraConfig, fresh: Sequence[LoraLayer], param_targets: Sequence) -> list[LoraLayer]:
+    """The layers the first adapter's injection created that :func:`mark_trainable` need not visit: ``update_layer``
+    made their one adapter active and trainable, which is what ``LoraLayer.set_adapter`` would do again. Not so
+    with ``inference_mode`` (it freezes them), for a layer with its own ``set_adapter``, or where the later steps
+    (target_parameters, trainable tokens) may touch created layers: those are all visited."""
+    if config.inference_mode or param_targets or config.trainable_token_indices is not None:
+        return []
+    return [layer for layer in fresh if type(layer).set_adapter is LoraLayer.set_adapter]
+
+
 class LoraModel(nn.Module):
     """The user's model (``self.model``) with LoRA layers injected; PEFT's ``LoraModel``."""
 
@@ -147,6 +157,7 @@ class LoraModel(nn.Module):
 
         created: list[tuple[str, nn.Module]] = []  # (name, original module) of layers wrapped now
         updated: list[nn.Module] = []  # existing LoRA layers / wrappers that got this adapter
+        fresh: list[LoraLayer] = []  # the layers created now
         try:
             for t in targets:
                 module, kind = kinds[t.name]
@@ -156,6 +167,7 @@ class LoraModel(nn.Module):
                     parent_name, _, child = t.name.rpartition(".")
                     setattr(kinds[parent_name][0], child, layer)  # "" names the root
                     created.append((t.name, module))
+                    fresh.append(layer)
                     module = layer
                 else:
                     updated.append(module)
@@ -196,7 +208,8 @@ class LoraModel(nn.Module):
                 setattr(parent, child, original)
             raise
         if adapter_name in self.active_adapters:  # the first adapter: freeze the base, apply the bias choice
-            mark_trainable(self, inference_mode=config.inference_mode)
+            mark_trainable(self, inference_mode=config.inference_mode,
+                           settled=_settled_layers(config, fresh, param_targets))
 
     def adapter_state(self, adapter_name: str) -> dict[str, Tensor]:
         """The tensors that make up one adapter, keyed by their path in ``self.model`` (adapter name included):

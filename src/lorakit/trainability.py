@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Collection, Iterable, Iterator, Optional, Sequence
 
 from torch import nn
 
@@ -35,13 +35,19 @@ def base_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
             yield from ((f"{name}.{k}" if name else k, p) for k, p in module._parameters.items() if p is not None)
 
 
-def mark_trainable(lora_model, inference_mode: bool = False) -> None:
-    """PEFT's ``set_adapter`` rule for ``lora_model.active_adapters`` (see the module docstring)."""
+def mark_trainable(lora_model, inference_mode: bool = False, settled: Collection[nn.Module] = ()) -> None:
+    """PEFT's ``set_adapter`` rule for ``lora_model.active_adapters`` (see the module docstring).
+
+    ``settled``: adapted layers already in the state the rule gives them (layers the first adapter's injection has
+    just created, whose only adapter ``update_layer`` made trainable and active), which are not visited again.
+    """
     for name, p in base_parameters(lora_model.model):
         if not is_adapter_key(name):
             p.requires_grad_(False)
+    settled = set(settled)
     for module in lora_model.adapter_modules():
-        module.set_adapter(lora_model.active_adapters, inference_mode=inference_mode)
+        if module not in settled:
+            module.set_adapter(lora_model.active_adapters, inference_mode=inference_mode)
     for adapter in [] if inference_mode else lora_model.active_adapters:
         bias = lora_model.peft_config[adapter].bias
         if bias == "all":

@@ -28,9 +28,17 @@ _LINEAR_FORWARD = nn.Linear.forward
 __all__ = ["Linear", "is_conv1d"]
 
 
+_CONV1D_TYPES: dict[type, bool] = {}  # is_conv1d's answer per class (asked for every module of every model wrapped)
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 ``Conv1D`` (weight stored ``in × out``), recognised without importing transformers."""
-    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
+    cls = type(module)
+    answer = _CONV1D_TYPES.get(cls)
+    if answer is None:
+        answer = _CONV1D_TYPES[cls] = any(
+            c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in cls.__mro__)
+    return answer
 
 
 class Linear(LoraLayer):
