@@ -1,0 +1,75 @@
+"""The first adapter's injection leaves every layer it creates exactly as the full trainability rule would.
+
+``get_peft_model`` does not run ``set_adapter`` again on the layers it has just created (``update_layer`` already
+put them in that state; see ``lorakit.model._settled_layers``). Each case here injects, records the state, then
+applies the whole rule (``mark_trainable`` visiting every layer) and checks that nothing changed: which
+parameters train, each layer's active adapters and what its forward adds. PEFT's own answer for the trainable
+names is compared in tests/core/test_core_peft_equivalence.py and test_peft_trainability.py.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from conftest import CustomNet, tiny_gpt2, tiny_llama
+from lorakit.layers import LoraLayer
+from lorakit.trainability import mark_trainable
+
+
+def state(model):
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    layers = {
+        n: (list(m.active_adapters), m._live, m._dora_live)
+        for n, m in model.named_modules() if isinstance(m, LoraLayer)
+    }
+    return grads, layers
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(self.attn(x, x, x)[0])
+
+
+CASES = {
+    "llama": (lambda: tiny_llama(), dict(target_modules=["q_proj", "v_proj", "down_proj"])),
+    "llama all-linear, bias=all": (lambda: tiny_llama(), dict(target_modules="all-linear", bias="all")),
+    "llama inference_mode": (lambda: tiny_llama(), dict(target_modules=["q_proj"], inference_mode=True)),
+    "llama dora, lora_only": (lambda: tiny_llama(), dict(target_modules=["q_proj", "o_proj"], use_dora=True,
+                                                        bias="lora_only")),
+    "gpt2 conv1d, lora_bias": (lambda: tiny_gpt2(), dict(target_modules=["c_attn", "c_fc"], lora_bias=True)),
+    "every layer kind, modules_to_save": (
+        lambda: CustomNet(), dict(target_modules=["emb", "conv1d", "conv2d", "lin1"], modules_to_save=["lin2"])),
+    "multihead attention": (lambda: Attention(), dict(target_modules=["attn", "lin"])),
+    "trainable tokens": (lambda: tiny_llama(), dict(target_modules=["q_proj"], trainable_token_indices=[1, 2])),
+    "target_parameters": (lambda: tiny_llama(), dict(target_modules=["q_proj"],
+                                                      target_parameters=["mlp.up_proj.weight"])),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_injection_state_equals_full_rule(case):
+    build, kwargs = CASES[case]
+    torch.manual_seed(0)
+    base = build()
+    model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, **kwargs))
+    before = state(model)
+    assert any(isinstance(m, LoraLayer) for m in model.modules())
+    mark_trainable(model.base_model, inference_mode=kwargs.get("inference_mode", False))
+    assert state(model) == before
+
+
+def test_injection_state_after_user_froze_adapter_parameters():
+    """A second call of the rule (set_adapter) still resets what a user changed: the skip is for injection only."""
+    model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
+    expected = state(model)
+    for n, p in model.named_parameters():
+        if "lora_A" in n:
+            p.requires_grad_(False)
+    model.set_adapter("default")
+    assert state(model) == expected
