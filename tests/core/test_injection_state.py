@@ -73,3 +73,46 @@ def test_injection_state_after_user_froze_adapter_parameters():
             p.requires_grad_(False)
     model.set_adapter("default")
     assert state(model) == expected
+
+
+# -- add_child: ModuleDict insertion without add_module's hasattr -------------------------------------------------
+@pytest.mark.parametrize("name", ["default", "a0", "other", "default"])
+def test_add_child_is_setitem(name):
+    from lorakit.layers.construction import add_child
+
+    fast, slow = nn.ModuleDict(), nn.ModuleDict()
+    first, second = nn.Identity(), nn.Identity()
+    for holder in (fast, slow):
+        holder["x"] = first
+    add_child(fast, name, second)
+    slow[name] = second
+    add_child(fast, "x", second)  # replacing an existing child
+    slow["x"] = second
+    assert list(fast.items()) == list(slow.items())
+    assert fast[name] is second and fast.x is second
+
+
+@pytest.mark.parametrize("name", ["a.b", "", "keys", "training", "forward", 3])
+def test_add_child_refuses_what_setitem_refuses(name):
+    from lorakit.layers.construction import add_child
+
+    holder = nn.ModuleDict()
+    with pytest.raises((KeyError, TypeError)) as expected:
+        holder[name] = nn.Identity()
+    with pytest.raises(type(expected.value)) as got:
+        add_child(holder, name, nn.Identity())
+    assert str(got.value) == str(expected.value)
+    assert len(holder) == 0
+
+
+def test_add_child_runs_registration_hooks():
+    from lorakit.layers.construction import add_child
+
+    seen = []
+    handle = torch.nn.modules.module.register_module_module_registration_hook(
+        lambda parent, name, module: seen.append(name))
+    try:
+        add_child(nn.ModuleDict(), "default", nn.Identity())
+    finally:
+        handle.remove()
+    assert seen == ["default"]

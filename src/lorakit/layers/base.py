@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..exact_merge import Scratch, merge_exact, unmerge_exact
 from ..ops import adapter_dtype, kaiming_uniform_, lora_delta, lora_factors, lora_scaling
-from .construction import init_module, new_module
+from .construction import add_child, init_module, new_module
 from .dora import DoraMixin
 from .init import check_base_rewrite, restore_base
 from .routing import RowRouting
@@ -115,9 +115,9 @@ class LoraLayer(DoraMixin, AdapterScales, RowRouting, nn.Module):
             B = self.lora_B[adapter_name]
             B._parameters["bias"] = nn.Parameter(torch.empty(B.weight.shape[0], dtype=dtype, device=device))
         if lora_dropout > 0:
-            self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout).train(self.training)
+            add_child(self._modules["lora_dropout"], adapter_name, nn.Dropout(lora_dropout).train(self.training))
         else:
-            self.lora_dropout[adapter_name] = new_module(nn.Identity, training=self.training)
+            add_child(self._modules["lora_dropout"], adapter_name, new_module(nn.Identity, training=self.training))
         self.dropout_p[adapter_name] = float(lora_dropout)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..ops import add_dropped_lora, add_lora, add_lora_rows
 from .base import LoraLayer
-from .construction import Factor
+from .construction import Factor, add_child
 from .init import initialize
 from .rows import RowAdapters
 
@@ -58,8 +58,9 @@ class Linear(LoraLayer):
         return self.transpose_delta
 
     def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.lora_A[adapter_name] = Factor(self.in_features, r, dtype, device)
-        self.lora_B[adapter_name] = Factor(r, self.out_features, dtype, device)
+        modules = self._modules
+        add_child(modules["lora_A"], adapter_name, Factor(self.in_features, r, dtype, device))
+        add_child(modules["lora_B"], adapter_name, Factor(r, self.out_features, dtype, device))
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
         """As :meth:`LoraLayer.reset_lora_parameters`, plus ``"orthogonal"``, PiSSA and OLoRA
