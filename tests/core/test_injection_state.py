@@ -116,3 +116,23 @@ def test_add_child_runs_registration_hooks():
     finally:
         handle.remove()
     assert seen == ["default"]
+
+
+# -- init_module: nn.Module.__init__'s state ------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["init_module", "_init_looped"])
+def test_init_module_gives_module_init_state(variant):
+    from lorakit.layers import construction
+
+    init = getattr(construction, variant)
+    expected = vars(nn.Module())
+    first, second = nn.Module.__new__(nn.Module), nn.Module.__new__(nn.Module)
+    init(first)
+    init(second)
+    assert {k: type(v) for k, v in vars(first).items()} == {k: type(v) for k, v in expected.items()}
+    for key, value in expected.items():
+        if isinstance(value, (dict, set)):
+            assert len(vars(first)[key]) == 0 and vars(first)[key] is not vars(second)[key], key  # fresh tables
+        else:
+            assert vars(first)[key] == value, key
+    first.add_module("child", nn.Identity())
+    assert list(second.children()) == [] and len(list(first.children())) == 1
