@@ -129,7 +129,6 @@ class LoraModel(nn.Module):
             raise TypeError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
         _check_new_adapter_name(adapter_name, self.peft_config)
         check_bias_owner(self.peft_config, config, adapter_name, shares_biases_with)
-
         # One walk over the model: names, and which are linear (for "all-linear"), not entering our own layers.
         named = list(walk(self.model))
         names, linear, kinds = [], [], {}
@@ -208,8 +207,7 @@ class LoraModel(nn.Module):
                 setattr(parent, child, original)
             raise
         if adapter_name in self.active_adapters:  # the first adapter: freeze the base, apply the bias choice
-            mark_trainable(self, inference_mode=config.inference_mode,
-                           settled=_settled_layers(config, fresh, param_targets))
+            mark_trainable(self, config.inference_mode, settled=_settled_layers(config, fresh, param_targets))
 
     def adapter_state(self, adapter_name: str) -> dict[str, Tensor]:
         """The tensors that make up one adapter, keyed by their path in ``self.model`` (adapter name included):
