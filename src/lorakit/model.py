@@ -20,6 +20,7 @@ from .config import LoraConfig
 from .exact_merge import Scratch
 from .keys import LORA_PREFIX, adapter_key_pattern, check_adapter_names, is_adapter_key
 from .layers import LoraLayer, is_linear, lora_layer_for
+from .layers.construction import replace_child
 from .layers.multihead import check_targets, uncalled_children
 from .layers.parameter import direct_parameters, find_or_wrap
 from .layers.quantized import dequantize_quantized_layers, warn_requantization
@@ -162,9 +163,9 @@ class LoraModel(nn.Module):
                 module, kind = kinds[t.name]
                 if not isinstance(module, LoraLayer):
                     layer = kind(module)
-                    layer.active_adapters = list(self.active_adapters)
+                    vars(layer)["active_adapters"] = list(self.active_adapters)  # a plain attribute (see _refresh)
                     parent_name, _, child = t.name.rpartition(".")
-                    setattr(kinds[parent_name][0], child, layer)  # "" names the root
+                    replace_child(kinds[parent_name][0], child, layer)  # "" names the root
                     created.append((t.name, module))
                     fresh.append(layer)
                     module = layer

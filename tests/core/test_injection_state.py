@@ -136,3 +136,31 @@ def test_init_module_gives_module_init_state(variant):
             assert vars(first)[key] == value, key
     first.add_module("child", nn.Identity())
     assert list(second.children()) == [] and len(list(first.children())) == 1
+
+
+# -- replace_child: swapping an adapted layer in ------------------------------------------------------------------
+def test_replace_child_is_setattr():
+    from lorakit.layers.construction import replace_child
+
+    fast, slow = nn.Sequential(nn.Linear(2, 2), nn.ReLU()), nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    new = nn.Identity()
+    replace_child(fast, "0", new)
+    setattr(slow, "0", new)
+    assert [(n, type(m)) for n, m in fast.named_children()] == [(n, type(m)) for n, m in slow.named_children()]
+    assert fast[0] is new and len(fast._modules) == 2
+    holder = nn.Module()
+    replace_child(holder, "missing", new)  # not a child yet: setattr's own path adds it
+    assert holder.missing is new
+
+
+def test_replace_child_runs_registration_hooks():
+    from lorakit.layers.construction import replace_child
+
+    seen, parent, child = [], nn.Sequential(nn.ReLU()), nn.Identity()
+    handle = torch.nn.modules.module.register_module_module_registration_hook(
+        lambda parent, name, module: seen.append(name))
+    try:
+        replace_child(parent, "0", child)
+    finally:
+        handle.remove()
+    assert seen == ["0"]

@@ -16,7 +16,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-__all__ = ["init_module", "new_module", "add_child", "Factor"]
+__all__ = ["init_module", "new_module", "add_child", "replace_child", "Factor"]
 
 try:  # the hooks Module.add_module calls for every child (none unless a program registered one)
     from torch.nn.modules.module import _global_module_registration_hooks as _REGISTRATION_HOOKS
@@ -88,6 +88,20 @@ def add_child(holder: nn.ModuleDict, name: str, module: nn.Module) -> None:
         holder._modules[name] = module
     else:
         holder[name] = module
+
+
+def replace_child(parent: nn.Module, name: str, module: nn.Module) -> None:
+    """``setattr(parent, name, module)`` for a child ``parent`` already has under ``name`` (an adapted layer taking
+    its base layer's place). ``Module.__setattr__`` would check ``module`` against parameters, clear ``name`` from
+    tables it is not in and run registration hooks; where none of that applies, the child is swapped directly."""
+    if (
+        name in parent._modules and type(parent).__setattr__ is nn.Module.__setattr__ and not _REGISTRATION_HOOKS
+        and name not in vars(parent) and name not in parent._parameters and name not in parent._buffers
+        and name not in parent._non_persistent_buffers_set and not isinstance(module, nn.Parameter)
+    ):
+        parent._modules[name] = module
+    else:
+        setattr(parent, name, module)
 
 
 class Factor(nn.Linear):
