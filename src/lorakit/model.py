@@ -20,6 +20,7 @@ from .config import LoraConfig
 from .exact_merge import Scratch
 from .keys import LORA_PREFIX, adapter_key_pattern, check_adapter_names, is_adapter_key
 from .layers import LoraLayer, is_linear, lora_layer_for
+from .layers.construction import replace_child
 from .layers.multihead import check_targets, uncalled_children
 from .layers.parameter import direct_parameters, find_or_wrap
 from .layers.quantized import dequantize_quantized_layers, warn_requantization
@@ -46,6 +47,16 @@ def _state_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
         for name, b in module._buffers.items():
             if b is not None and name not in module._non_persistent_buffers_set:
                 yield dot + name, b
+
+
+def _settled_layers(config: LoraConfig, fresh: Sequence[LoraLayer], param_targets: Sequence) -> list[LoraLayer]:
+    """The layers the first adapter's injection created that :func:`mark_trainable` need not visit: ``update_layer``
+    made their one adapter active and trainable, which is what ``LoraLayer.set_adapter`` would do again. Not so
+    with ``inference_mode`` (it freezes them), for a layer with its own ``set_adapter``, or where the later steps
+    (target_parameters, trainable tokens) may touch created layers: those are all visited."""
+    if config.inference_mode or param_targets or config.trainable_token_indices is not None:
+        return []
+    return [layer for layer in fresh if type(layer).set_adapter is LoraLayer.set_adapter]
 
 
 class LoraModel(nn.Module):
@@ -119,7 +130,6 @@ class LoraModel(nn.Module):
             raise TypeError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
         _check_new_adapter_name(adapter_name, self.peft_config)
         check_bias_owner(self.peft_config, config, adapter_name, shares_biases_with)
-
         # One walk over the model: names, and which are linear (for "all-linear"), not entering our own layers.
         named = list(walk(self.model))
         names, linear, kinds = [], [], {}
@@ -147,15 +157,17 @@ class LoraModel(nn.Module):
 
         created: list[tuple[str, nn.Module]] = []  # (name, original module) of layers wrapped now
         updated: list[nn.Module] = []  # existing LoRA layers / wrappers that got this adapter
+        fresh: list[LoraLayer] = []  # the layers created now
         try:
             for t in targets:
                 module, kind = kinds[t.name]
                 if not isinstance(module, LoraLayer):
                     layer = kind(module)
-                    layer.active_adapters = list(self.active_adapters)
+                    vars(layer)["active_adapters"] = list(self.active_adapters)  # a plain attribute (see _refresh)
                     parent_name, _, child = t.name.rpartition(".")
-                    setattr(kinds[parent_name][0], child, layer)  # "" names the root
+                    replace_child(kinds[parent_name][0], child, layer)  # "" names the root
                     created.append((t.name, module))
+                    fresh.append(layer)
                     module = layer
                 else:
                     updated.append(module)
@@ -196,7 +208,7 @@ class LoraModel(nn.Module):
                 setattr(parent, child, original)
             raise
         if adapter_name in self.active_adapters:  # the first adapter: freeze the base, apply the bias choice
-            mark_trainable(self, inference_mode=config.inference_mode)
+            mark_trainable(self, config.inference_mode, settled=_settled_layers(config, fresh, param_targets))
 
     def adapter_state(self, adapter_name: str) -> dict[str, Tensor]:
         """The tensors that make up one adapter, keyed by their path in ``self.model`` (adapter name included):

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Collection, Iterable, Iterator, Optional, Sequence
 
 from torch import nn
 
@@ -23,25 +23,37 @@ from .walk import leaf_parameters, walk
 __all__ = ["base_parameters", "mark_trainable", "check_bias_owner", "DisabledGrads"]
 
 
-def base_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+def base_parameters(model: nn.Module, adapter_modules: Optional[list] = None) -> Iterator[tuple[str, nn.Parameter]]:
     """``model.named_parameters()`` less what lorakit added (adapter factors, modules_to_save copies): one walk that
-    does not enter lorakit's layers, so its cost does not grow with the number of adapters."""
+    does not enter lorakit's layers, so its cost does not grow with the number of adapters. ``adapter_modules``:
+    a list that gets the adapted layers and modules_to_save wrappers met on the way (``LoraModel.adapter_modules``)."""
     for name, module in walk(model):
         if isinstance(module, LoraLayer):
-            yield from leaf_parameters(module.base_layer, f"{name}.base_layer")
+            if adapter_modules is not None:
+                adapter_modules.append(module)
+            yield from leaf_parameters(module._modules["base_layer"], f"{name}.base_layer")
         elif isinstance(module, ModulesToSaveWrapper):
+            if adapter_modules is not None:
+                adapter_modules.append(module)
             yield from leaf_parameters(module.original_module, f"{name}.original_module")
         else:  # the walk visits its children
             yield from ((f"{name}.{k}" if name else k, p) for k, p in module._parameters.items() if p is not None)
 
 
-def mark_trainable(lora_model, inference_mode: bool = False) -> None:
-    """PEFT's ``set_adapter`` rule for ``lora_model.active_adapters`` (see the module docstring)."""
-    for name, p in base_parameters(lora_model.model):
+def mark_trainable(lora_model, inference_mode: bool = False, settled: Collection[nn.Module] = ()) -> None:
+    """PEFT's ``set_adapter`` rule for ``lora_model.active_adapters`` (see the module docstring).
+
+    ``settled``: adapted layers already in the state the rule gives them (layers the first adapter's injection has
+    just created, whose only adapter ``update_layer`` made trainable and active), which are not visited again.
+    """
+    modules: list[nn.Module] = []  # LoraModel.adapter_modules(), found by the same walk
+    for name, p in base_parameters(lora_model.model, modules):
         if not is_adapter_key(name):
             p.requires_grad_(False)
-    for module in lora_model.adapter_modules():
-        module.set_adapter(lora_model.active_adapters, inference_mode=inference_mode)
+    settled = set(settled)
+    for module in modules:
+        if module not in settled:
+            module.set_adapter(lora_model.active_adapters, inference_mode=inference_mode)
     for adapter in [] if inference_mode else lora_model.active_adapters:
         bias = lora_model.peft_config[adapter].bias
         if bias == "all":

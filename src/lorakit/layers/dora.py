@@ -220,8 +220,9 @@ class DoraMixin:
     def set_dora(self, adapter_name: str, use_dora: bool) -> None:
         """Make ``adapter_name`` a DoRA adapter (its magnitude starts at ``‖W + s·B@A‖``, so ``g = 1``) or not."""
         if not use_dora:
-            if adapter_name in self.lora_magnitude_vector:
-                del self.lora_magnitude_vector[adapter_name]
+            magnitudes = self._modules["lora_magnitude_vector"]  # not self.<name>: a Python-level lookup per layer
+            if adapter_name in magnitudes:
+                del magnitudes[adapter_name]
             return
         if not self.supports_dora:
             raise NotImplementedError(f"use_dora=True is not supported for {type(self).__name__} layers "

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..ops import add_dropped_lora, add_lora, add_lora_groups, add_lora_rows
 from .base import LoraLayer
-from .construction import Factor
+from .construction import Factor, add_child
 from .init import initialize
 from .rows import RowAdapters
 
@@ -28,9 +28,17 @@ _LINEAR_FORWARD = nn.Linear.forward
 __all__ = ["Linear", "is_conv1d"]
 
 
+_CONV1D_TYPES: dict[type, bool] = {}  # is_conv1d's answer per class (asked for every module of every model wrapped)
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 ``Conv1D`` (weight stored ``in × out``), recognised without importing transformers."""
-    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
+    cls = type(module)
+    answer = _CONV1D_TYPES.get(cls)
+    if answer is None:
+        answer = _CONV1D_TYPES[cls] = any(
+            c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in cls.__mro__)
+    return answer
 
 
 class Linear(LoraLayer):
@@ -50,8 +58,9 @@ class Linear(LoraLayer):
         return self.transpose_delta
 
     def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.lora_A[adapter_name] = Factor(self.in_features, r, dtype, device)
-        self.lora_B[adapter_name] = Factor(r, self.out_features, dtype, device)
+        modules = self._modules
+        add_child(modules["lora_A"], adapter_name, Factor(self.in_features, r, dtype, device))
+        add_child(modules["lora_B"], adapter_name, Factor(r, self.out_features, dtype, device))
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
         """As :meth:`LoraLayer.reset_lora_parameters`, plus ``"orthogonal"``, PiSSA and OLoRA
