@@ -130,13 +130,7 @@ def _merge_eager(matrix: Tensor, left: Tensor, right: Tensor, scale: float, scra
     torch.sub(merged, delta, out=back)  # what a plain unmerge would give
     original = matrix.view(ints).view(-1)
     torch.sub(original, k, out=k)
-    index = k.nonzero().squeeze(1)
-    steps = k.index_select(0, index)
-    escape_index = index[:0]
-    if steps.numel() and (int(steps.min()) < -128 or int(steps.max()) > 127):
-        fits = (steps >= -128) & (steps <= 127)
-        escape_index, index, steps = index[~fits], index[fits], steps[fits]
-    record = _record(index, steps.to(torch.int8), n, escape_index, original.index_select(0, escape_index))
+    record = _record_of_steps(k, original)
     matrix.copy_(merged)
     return record
 
@@ -186,6 +180,18 @@ def _scaled(product: Tensor, scale: float) -> Tensor:
     return product.mul_(scale) if scale != 1 else product
 
 
+def _record_of_steps(k: Tensor, original_bits: Tensor) -> MergeRecord:
+    """The record of ``k`` (flat: original bits minus the bits a plain undo gives, as wrapping integers): a
+    one-byte step where ``k`` fits one, else an escape keeping the original bits."""
+    index = k.nonzero().squeeze(1)
+    steps = k.index_select(0, index)
+    escape_index = index[:0]
+    if steps.numel() and (int(steps.min()) < -128 or int(steps.max()) > 127):
+        fits = (steps >= -128) & (steps <= 127)
+        escape_index, index, steps = index[~fits], index[fits], steps[fits]
+    return _record(index, steps.to(torch.int8), k.numel(), escape_index, original_bits.index_select(0, escape_index))
+
+
 def _record(index: Tensor, steps: Tensor, numel: int, escape_index: Tensor, escape_bits: Tensor) -> MergeRecord:
     """Pack the ascending flat ``index`` as per-block counts and 16-bit offsets."""
     bounds = torch.arange(0, numel + _BLOCK, _BLOCK, device=index.device)
@@ -205,13 +211,7 @@ def restore_record(original: Tensor, restored: Tensor) -> MergeRecord:
     with torch.no_grad():
         bits = original.contiguous().view(ints).reshape(-1)
         k = bits - restored.contiguous().view(ints).reshape(-1)  # wrapping integer difference
-        index = k.nonzero().squeeze(1)
-        steps = k.index_select(0, index)
-        escape_index = index[:0]
-        if steps.numel() and (int(steps.min()) < -128 or int(steps.max()) > 127):
-            fits = (steps >= -128) & (steps <= 127)
-            escape_index, index, steps = index[~fits], index[fits], steps[fits]
-        return _record(index, steps.to(torch.int8), bits.numel(), escape_index, bits.index_select(0, escape_index))
+        return _record_of_steps(k, bits)
 
 
 def apply_record(weight: Tensor, record: MergeRecord) -> None:

@@ -17,22 +17,13 @@ from lorakit.cli import data as D
 from lorakit.cli import finetune as FT
 from lorakit.cli import main
 
-from .helpers import CHATML, QA, cli, make_llama, make_tokenizer
+from .helpers import CHATML, cli, make_assets
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    tok = make_tokenizer()
-    model_dir = root / "llama"
-    make_llama(len(tok)).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    rows = [{"prompt": q, "completion": a} for q, a in QA[:12]]
-    rows += [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": q},
-                           {"role": "assistant", "content": a}, {"role": "user", "content": "say hello"},
-                           {"role": "assistant", "content": "hello world"}]} for q, a in QA[12:]]
-    data = root / "chat.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    model_dir, data, tok = make_assets(root)
     return SimpleNamespace(root=root, model=model_dir, data=data, tok=tok)
 
 
