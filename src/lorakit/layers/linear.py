@@ -78,7 +78,12 @@ class Linear(LoraLayer):
 
         At batch-1 decode ``Module.__call__`` costs as much as a LoRA matmul, and so does every further Python call
         per layer (the interpreter's code and data are out of cache after each layer's weights stream through), so
-        the checks are written out here rather than in a helper.
+        the checks are written out here rather than in a helper. For the same reason a plain adapter at inference
+        (no autograd, no active dropout, no ``lora_bias``, float scaling, factors in the input's and output's
+        dtypes, factors registered as parameters) is added right here, by the very ops of :func:`~lorakit.ops.
+        add_lora`'s in-place branch (the same bits); anything else goes through :meth:`_add_adapter_output`.
+        Decode with one adapter then costs 5–6 % over the merged model at 1 and 2 threads, down from 9–11 %
+        (benchmarks/RESULTS.md, "Decode overhead and threads").
         """
         base = self._modules["base_layer"]
         params = base._parameters
@@ -92,8 +97,24 @@ class Linear(LoraLayer):
         ):
             return super().forward(x, *args, **kwargs)
         out = F.linear(x, params["weight"], params["bias"])
-        for name in self._live:
-            out = self._add_adapter_output(out, x, name)
+        live = self._live
+        if not live:
+            return out
+        grad = torch.is_grad_enabled()
+        factors_A, factors_B = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
+        for name in live:
+            A = factors_A[name]._parameters.get("weight")
+            B_params = factors_B[name]._parameters
+            B, scaling = B_params.get("weight"), self.scaling[name]
+            if (
+                grad or A is None or B is None or type(scaling) is not float or A.dtype is not x.dtype
+                or B.dtype is not out.dtype or B_params.get("bias") is not None or not out.is_contiguous()
+                or (self.training and self.dropout_p[name])
+            ):
+                out = self._add_adapter_output(out, x, name)
+            else:  # add_lora(out, F.linear(x, A), B, scaling) without its calls and checks
+                h = F.linear(x, A)
+                out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.T, alpha=scaling)
         return out
 
     def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
