@@ -1,8 +1,8 @@
 """``Linear.forward`` adds a plain adapter itself at inference (no autograd, no active dropout, no ``lora_bias``, float
 scaling, factors in the input's dtype and registered as parameters) instead of calling ``_add_adapter_output``.
 
-That shortcut must give the very bits of the general path (and the dense float64 reference's value) for inputs of
-every rank and layout, and must step aside for everything it does not handle: autograd (gradients checked), active
+That shortcut must give the dense float64 reference's value, and the general path's bits (its last bit where a
+single row is added as ``out + s·y`` in one fused step), for inputs of every rank and layout, and must step aside for everything it does not handle: autograd (gradients checked), active
 dropout, ``lora_bias``, a tensor scaling, an input in another dtype than the factors, a parametrized factor."""
 
 import pytest
@@ -69,7 +69,7 @@ INPUTS = {  # every rank, a decode step's (1, 1, in), non-contiguous inputs
 @pytest.mark.parametrize("adapters", [("a",), ("a", "b")])
 @pytest.mark.parametrize("shape", list(INPUTS))
 @pytest.mark.parametrize("bias", [True, False])
-def test_shortcut_gives_the_general_paths_bits_and_the_reference(shape, adapters, dtype, bias):
+def test_shortcut_gives_the_general_paths_result_and_the_reference(shape, adapters, dtype, bias):
     layer = make_layer(adapters, dtype, bias=bias).eval()
     x = INPUTS[shape]().to(dtype)
     calls = spy_general_path(layer)
@@ -77,7 +77,12 @@ def test_shortcut_gives_the_general_paths_bits_and_the_reference(shape, adapters
         out = layer(x)
         expected = general_path(layer, x)
     assert calls == []  # every adapter took the shortcut
-    assert out.shape == expected.shape and torch.equal(out, expected)
+    assert out.shape == expected.shape
+    if x.numel() == x.shape[-1]:  # one row: out + s·y as one fused multiply-add instead of addmm's own rounding
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(out, expected, atol=4 * eps * expected.abs().max().item(), rtol=0)
+    else:
+        assert torch.equal(out, expected)  # more rows: add_lora's in-place addmm, the same bits
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(out.double(), reference(layer, x), atol=tol, rtol=tol)
 
