@@ -24,6 +24,7 @@ from torch import nn
 from . import memory
 from . import moe
 from . import workloads as w
+from .decode import section_decode
 from .dora import section_dora
 from .inference import section_inference
 from .qlora import section_qlora
@@ -110,7 +111,7 @@ def section_main(ctx: Context) -> list[Row]:
     g = Group(ctx.errors)
     for n, m in models.items():
         g.add(n, lambda m=m: w.Decode(m, cache))
-        g.add(f"{n} merged", lambda m=m: w.Decode(_merged_copy(m, probe), cache))
+        g.add(f"{n} merged", lambda m=m: w.Decode(w.merged_copy(m, probe), cache))
     g.add("minimal", lambda: _minimal(ctx, models["lorakit"], cache, probe))
     g.run(ctx.decode_rounds, warmup=2)
     rows += [
@@ -127,14 +128,6 @@ def section_main(ctx: Context) -> list[Row]:
     log("save / load")
     rows += _save_load(ctx, models)
     return rows
-
-
-def _merged_copy(model: nn.Module, probe) -> nn.Module:
-    """A copy of ``model`` with its adapter merged (checked to compute what the unmerged one does)."""
-    merged = copy.deepcopy(model)
-    merged.merge_adapter()
-    w.check_same_outputs(merged, model, probe, "merged copy")
-    return merged
 
 
 def _minimal(ctx: Context, adapted: nn.Module, cache, probe) -> Callable[[], float]:
@@ -622,6 +615,7 @@ def section_memory(ctx: Context) -> list[Row]:
 
 SECTIONS: dict[str, Callable[[Context], list[Row]]] = {
     "main": section_main,
+    "decode": section_decode,
     "mixed": section_mixed,
     "inject": section_inject,
     "merge": section_merge,

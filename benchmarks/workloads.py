@@ -129,6 +129,14 @@ def check_same_outputs(a: nn.Module, b: nn.Module, ids: torch.Tensor, what: str)
         raise BenchError(f"{what}: outputs differ (max |Δ| {(la - lb).abs().max().item():.2e})")
 
 
+def merged_copy(model: nn.Module, probe: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` with its adapter merged (checked to compute what the unmerged one does)."""
+    merged = copy.deepcopy(model)
+    merged.merge_adapter()
+    check_same_outputs(merged, model, probe, "merged copy")
+    return merged
+
+
 class MinimalLora(nn.Module):
     """The least an unmerged LoRA layer can do at inference: ``base(x)`` plus two small matmuls and a fused add.
 

@@ -125,3 +125,23 @@ def test_quick_mode_reports_hotswap_and_compiled_decode(quick_run):
         assert re.fullmatch(RATIO, rows[item][2]), f"{item!r}: no lorakit/PEFT ratio in {rows[item]}"
     for item in ["hotswap / load_adapter", "decode compiled / eager"]:
         assert all(re.fullmatch(RATIO, cell) for cell in rows[item][:2]), f"{item!r}: {rows[item]}"
+
+
+def test_quick_mode_reports_decode_overhead_at_one_and_two_threads(quick_run):
+    rows = _table(quick_run.stdout)
+    for clock in ("1 thread, CPU time", "2 threads, wall-clock"):
+        for item in [f"decode step, batch 1, cache 8, unmerged, {clock}", f"decode step, merged, {clock}"]:
+            assert item in rows, f"{item!r} missing from the table"
+            assert re.fullmatch(RATIO, rows[item][2]), f"{item!r}: no lorakit/PEFT ratio in {rows[item]}"
+        item = f"decode unmerged / merged, {clock}"
+        assert all(re.fullmatch(RATIO, cell) for cell in rows[item][:2]), f"{item!r}: {rows[item]}"
+        assert rows[item][3].startswith("≤ 1.10: "), rows[item]
+        item = f"decode unmerged / merged, {clock}, fastest tenth of rounds"
+        assert all(re.fullmatch(RATIO, cell) for cell in rows[item][:2]), f"{item!r}: {rows[item]}"
+        item = f"reference: hand-written minimal LoRA, decode unmerged / merged, {clock}, fastest tenth of rounds"
+        assert re.fullmatch(RATIO, rows[item][0]), f"{item!r}: {rows[item]}"
+    for clock in ("1 thread, CPU time", "1 thread, wall-clock", "2 threads, wall-clock", "2 threads, CPU time"):
+        item = f"reference: hand-written minimal LoRA, decode unmerged / merged, {clock}"
+        assert re.fullmatch(RATIO, rows[item][0]), f"{item!r}: {rows[item]}"
+    item = "decode step 2 threads / 1 thread, merged, wall-clock"
+    assert all(re.fullmatch(RATIO, cell) for cell in rows[item][:2]), f"{item!r}: {rows[item]}"

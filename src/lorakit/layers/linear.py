@@ -78,7 +78,14 @@ class Linear(LoraLayer):
 
         At batch-1 decode ``Module.__call__`` costs as much as a LoRA matmul, and so does every further Python call
         per layer (the interpreter's code and data are out of cache after each layer's weights stream through), so
-        the checks are written out here rather than in a helper.
+        the checks are written out here rather than in a helper. For the same reason a plain adapter at inference
+        (no autograd, no active dropout, no ``lora_bias``, float scaling, factors registered as parameters and in
+        the input's dtype) is added right here rather than by :meth:`_add_adapter_output`, which serves the rest.
+        One row (batch-1 decode) takes ``out.add_(F.linear(F.linear(x, A), B), alpha=s)``: three ops and no views,
+        because at that size each op's call costs about as much as its arithmetic (measured on the benchmark's
+        decode step: :func:`~lorakit.ops.add_lora`'s five ops, 1–2 % of the step more than these three; the Python
+        calls around them, under 1 %). More rows take ``add_lora``'s in-place ``addmm_`` (same bits), which needs
+        no temporary as large as the output.
         """
         base = self._modules["base_layer"]
         params = base._parameters
@@ -92,8 +99,26 @@ class Linear(LoraLayer):
         ):
             return super().forward(x, *args, **kwargs)
         out = F.linear(x, params["weight"], params["bias"])
-        for name in self._live:
-            out = self._add_adapter_output(out, x, name)
+        live = self._live
+        if not live:
+            return out
+        grad, one_row = torch.is_grad_enabled(), x.numel() == x.shape[-1]
+        factors_A, factors_B = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
+        for name in live:
+            A = factors_A[name]._parameters.get("weight")
+            B_params = factors_B[name]._parameters
+            B, scaling = B_params.get("weight"), self.scaling[name]
+            if (
+                grad or A is None or B is None or type(scaling) is not float or A.dtype is not x.dtype
+                or B.dtype is not out.dtype or B_params.get("bias") is not None or not out.is_contiguous()
+                or (self.training and self.dropout_p[name])
+            ):
+                out = self._add_adapter_output(out, x, name)
+            elif one_row:  # batch-1 decode: three ops, no views (each op's call costs as much as its maths)
+                out = out.add_(F.linear(F.linear(x, A), B), alpha=scaling)
+            else:  # add_lora(out, F.linear(x, A), B, scaling): in place, without a temporary as large as out
+                h = F.linear(x, A)
+                out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.T, alpha=scaling)
         return out
 
     def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
