@@ -115,8 +115,7 @@ def _merge_compiled(matrix: Tensor, left: Tensor, right: Tensor, scale: float,
     if not (_USE_COMPILED[0] and compiled_supports(matrix, left)):
         return None
     product = _product(left, right, scratch)
-    found = compiled_merge(matrix.view(-1), product.view(-1), scale,
-                           lambda slot, n, dtype: scratch.get(slot, n, dtype, matrix.device))
+    found = compiled_merge(matrix.view(-1), product.view(-1), scale)
     return None if found is None else MergeRecord(*found)
 
 

@@ -23,7 +23,7 @@ compiler.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -60,24 +60,15 @@ def supports(weight: Tensor, delta: Tensor) -> bool:
             and available())
 
 
-def merge(weight: Tensor, delta: Tensor, scale: float, buffers: Callable[[str, int, torch.dtype], Tensor]
-          ) -> Optional[tuple]:
+def merge(weight: Tensor, delta: Tensor, scale: float) -> Optional[tuple]:
     """``weight += delta · scale`` in place (both flat); returns ``(counts, offsets, steps, escape_index,
-    escape_bits)`` as tensors (the fields of :class:`lorakit.exact_merge.MergeRecord`), or ``None`` with ``weight``
-    unchanged where a merged value is not finite. ``buffers(slot, numel, dtype)``: a reusable work buffer."""
+    escape_bits)`` as tensors (the fields of :class:`lorakit.exact_merge.MergeRecord`, arrays the pass allocated at
+    their final sizes: nothing to copy), or ``None`` with ``weight`` unchanged where a merged value is not finite."""
     ints, kind = _KINDS[weight.dtype]
-    n = weight.numel()
-    bits = weight.view(ints)
-    counts = torch.zeros(n // BLOCK + 1, dtype=torch.int32)  # as exact_merge counts them
-    offsets, steps = buffers("offsets", n, torch.int16), buffers("steps", n, torch.int8)
-    escape_index, escape_bits = buffers("escape_index", n, torch.int64), buffers("escape_bits", n, ints)
-    fn = _kernels()["merge"]
-    found = fn(bits.numpy(), delta.numpy(), _f32(scale), kind, counts.numpy(), offsets.numpy(), steps.numpy(),
-               escape_index.numpy(), escape_bits.numpy())
-    if found[0] < 0:
+    found = _kernels()["merge"](weight.view(ints).numpy(), delta.numpy(), _f32(scale), kind)
+    if not found[0]:
         return None
-    return counts, offsets[:found[0]].clone(), steps[:found[0]].clone(), escape_index[:found[1]].clone(), \
-        escape_bits[:found[1]].clone()
+    return tuple(map(torch.from_numpy, found[1:]))
 
 
 def unmerge(weight: Tensor, delta: Tensor, scale: float, counts: Tensor, offsets: Tensor, steps: Tensor,
@@ -118,10 +109,8 @@ def _load() -> None:
 
         for ints, kind in ((np.int32, 0), (np.int16, 1), (np.int16, 2)):  # _KINDS, without torch in this thread
             bits, delta = np.zeros(8, ints), np.zeros(8, np.float32)
-            found = merge_pass(bits, delta, np.float32(1), kind, np.zeros(1, np.int32), np.zeros(8, np.int16),
-                               np.zeros(8, np.int8), np.zeros(8, np.int64), np.zeros_like(bits))
-            unmerge_pass(bits, delta, np.float32(1), kind, np.zeros(1, np.int32), np.zeros(found[0], np.int16),
-                         np.zeros(found[0], np.int8), np.zeros(0, np.int64), np.zeros(0, bits.dtype))
+            found = merge_pass(bits, delta, np.float32(1), kind)
+            unmerge_pass(bits, delta, np.float32(1), kind, *found[1:])
         kernels = {"merge": merge_pass, "unmerge": unmerge_pass}
     except ImportError:
         pass  # numba is not installed: the eager passes

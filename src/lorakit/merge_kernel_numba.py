@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 BLOCK = 1 << 16
@@ -132,22 +133,21 @@ CHUNK = 4096  # elements computed while cache-resident before they are recorded
 F32_EXP, BF16_EXP, F16_EXP = 0x7F800000, 0x7F80, 0x7C00  # exponent bits: all set means inf or nan
 
 
-# One dense loop per weight dtype, branch-free so that the compiler vectorizes it: the merged value goes straight
-# into the weight, the original bits into ``saved`` (to put the chunk back if a merged value is not finite), ``k``
-# (original minus what a plain subtraction gives back, wrapped to the weight's width) into ``ks``.
-@njit(cache=True, nogil=True)
-def _merge_f32(bits, delta, scale, saved, ks):
-    bad = 0
-    for j in range(bits.size):
-        o = bits[j]
-        d = delta[j] * scale
-        m = _f32_from_i32(o) + d
-        mb = _i32_from_f32(m)
-        bad |= (mb & F32_EXP) == F32_EXP
-        saved[j] = o
-        ks[j] = o - _i32_from_f32(m - d)
-        bits[j] = mb
-    return bad == 0
+@intrinsic
+def _prefetch(typingctx, address):
+    """Ask the CPU to bring the cache line at integer ``address`` in (a hint: never faults, changes nothing)."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = builder.inttoptr(args[0], ir.PointerType())
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ir.PointerType()] + [i32] * 3),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [pointer, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])  # read, keep
+        return context.get_dummy_value()
+
+    return types.void(address), codegen
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -162,30 +162,72 @@ def _from_bf16(b):
     return _f32_from_i32(np.int32((np.int64(b) & 0xFFFF) << 16))
 
 
+# What a plain subtraction gives back from merged bits ``mb`` (as the weight's integer type), per weight dtype:
+# the dense merge loops compute ``k`` from it, and a chunk put back or an escape recomputes the original from it
+# (``original = back + k``, wrapping), so both must be these very expressions.
+@njit(cache=True, nogil=True, inline="always")
+def _back_f32(mb, d):
+    return _i32_from_f32(_f32_from_i32(mb) - d)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _back_bf16(mb, d):
+    return _bf16(_from_bf16(mb) - d)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _back_f16(mb, d):
+    return _f16bits_from_f32(_f32_from_f16bits(mb) - d)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _original(mb, d, k, kind):
+    """The original bits of a merged element from its merged bits, scaled delta and ``k`` (wrapping)."""
+    if kind == 0:
+        return np.int32(_back_f32(mb, d) + k)
+    if kind == 1:
+        return np.int16(_back_bf16(mb, d) + k)
+    return np.int16(_back_f16(mb, d) + k)
+
+
+# One dense loop per weight dtype, branch-free so that the compiler vectorizes it: the merged value goes straight
+# into the weight, ``k`` (original minus what a plain subtraction gives back, wrapped to the weight's width) into
+# ``ks``. The originals are not kept: ``_original`` recomputes them from the merged bits and ``k``.
 @njit(cache=True, nogil=True)
-def _merge_bf16(bits, delta, scale, saved, ks):
+def _merge_f32(bits, delta, scale, ks):
+    bad = 0
+    for j in range(bits.size):
+        o = bits[j]
+        d = delta[j] * scale
+        mb = _i32_from_f32(_f32_from_i32(o) + d)
+        bad |= (mb & F32_EXP) == F32_EXP
+        ks[j] = o - _back_f32(mb, d)
+        bits[j] = mb
+    return bad == 0
+
+
+@njit(cache=True, nogil=True)
+def _merge_bf16(bits, delta, scale, ks):
     bad = 0
     for j in range(bits.size):
         o = bits[j]
         d = delta[j] * scale
         mb = _bf16(_from_bf16(o) + d)
         bad |= (mb & BF16_EXP) == BF16_EXP
-        saved[j] = o
-        ks[j] = np.int16(o - _bf16(_from_bf16(mb) - d))
+        ks[j] = np.int16(o - _back_bf16(mb, d))
         bits[j] = mb
     return bad == 0
 
 
 @njit(cache=True, nogil=True)
-def _merge_f16(bits, delta, scale, saved, ks):
+def _merge_f16(bits, delta, scale, ks):
     bad = 0
     for j in range(bits.size):
         o = bits[j]
         d = delta[j] * scale
         mb = _f16bits_from_f32(_f32_from_f16bits(o) + d)
         bad |= (mb & F16_EXP) == F16_EXP
-        saved[j] = o
-        ks[j] = np.int16(o - _f16bits_from_f32(_f32_from_f16bits(mb) - d))
+        ks[j] = np.int16(o - _back_f16(mb, d))
         bits[j] = mb
     return bad == 0
 
@@ -214,13 +256,30 @@ def _nonzero_masks(ks, size, masks):
         masks[g] = m
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_lines(address, lines):
+    """Prefetch ``lines`` cache lines (64 bytes) from ``address``."""
+    for q in range(lines):
+        _prefetch(address + 64 * q)
+
+
 @njit(cache=True, nogil=True)
-def _record_chunk(start, size, ks, saved, masks, offsets, steps, ns, escape_index, escape_bits, ne):
+def _record_chunk(start, chunk, part, scale, kind, ks, masks, record, ns, ne, ahead):
     """Append the chunk's non-zero ``k`` (as steps, or as escapes when they do not fit a byte), visiting only
-    them: most elements of a small update have none."""
+    them: most elements of a small update have none. Meanwhile prefetch the next chunk (``ahead``: addresses and
+    byte sizes of its weight and delta parts): the dense loop then finds it in cache instead of waiting on
+    memory."""
+    counts, offsets, steps, escape_index, escape_bits = record
+    size = chunk.size
     _nonzero_masks(ks, size, masks)
     low = (start & (BLOCK - 1)) - HALF_BLOCK
-    for g in range((size + 63) // 64):
+    groups = (size + 63) // 64
+    bits_at, bits_bytes, delta_at, delta_bytes = ahead
+    per_group = (max(bits_bytes, delta_bytes) + 64 * groups - 1) // (64 * groups)  # lines of each, per group
+    for g in range(groups):
+        at = g * per_group * 64
+        _prefetch_lines(bits_at + at, min(per_group, max(0, bits_bytes - at + 63) // 64))
+        _prefetch_lines(delta_at + at, min(per_group, max(0, delta_bytes - at + 63) // 64))
         m = masks[g]
         while m != 0:
             j = g * 64 + np.int64(_lowest_bit(m))
@@ -232,99 +291,140 @@ def _record_chunk(start, size, ks, saved, masks, offsets, steps, ns, escape_inde
                 ns += 1
             else:
                 escape_index[ne] = start + j
-                escape_bits[ne] = saved[j]
+                escape_bits[ne] = _original(chunk[j], part[j] * scale, k, kind)
                 ne += 1
     return ns, ne
 
 
 @njit(cache=True, nogil=True)
-def merge_pass(bits, delta, scale, kind, counts, offsets, steps, escape_index, escape_bits):
-    """Merge in place and record; returns ``(steps, escapes)`` counts, or ``(-1, -1)`` with ``bits`` restored where
-    a merged value is not finite. ``kind``: 0 float32 (int32 ``bits``), 1 bfloat16, 2 float16 (int16 ``bits``)."""
+def _put_back(chunk, part, scale, kind, ks):
+    """Undo a dense loop's chunk: every element back to its original bits."""
+    for j in range(chunk.size):
+        chunk[j] = _original(chunk[j], part[j] * scale, ks[j], kind)
+
+
+@njit(cache=True, nogil=True)
+def merge_pass(bits, delta, scale, kind):
+    """Merge in place and record; returns ``(True, counts, offsets, steps, escape_index, escape_bits)`` (the
+    record's fields, fresh arrays of their exact sizes), or ``False`` (and empty arrays) with ``bits`` restored where a
+    merged value is not finite. ``kind``: 0 float32 (int32 ``bits``), 1 bfloat16, 2 float16 (int16 ``bits``)."""
+    n = bits.size
+    counts = np.zeros(n // BLOCK + 1, np.int32)
+    # Room for every element; only what is written is touched (the pages of the rest are never faulted in).
+    offsets, steps = np.empty(n, np.int16), np.empty(n, np.int8)
+    escape_index, escape_bits = np.empty(n, np.int64), np.empty(n, bits.dtype)
+    ns, ne = _merge_chunks(bits, delta, scale, kind, (counts, offsets, steps, escape_index, escape_bits))
+    if ns < 0:
+        return False, counts[:0], offsets[:0], steps[:0], escape_index[:0], escape_bits[:0]
+    return True, counts, offsets[:ns].copy(), steps[:ns].copy(), escape_index[:ne].copy(), escape_bits[:ne].copy()
+
+
+@njit(cache=True, nogil=True)
+def _merge_chunks(bits, delta, scale, kind, record):
+    """:func:`merge_pass` into ``record``'s arrays; returns how many steps and escapes, or ``(-1, -1)``."""
+    counts, offsets, steps, escape_index, escape_bits = record
     ns = 0
     ne = 0
     n = bits.size
-    saved = np.empty(CHUNK, bits.dtype)
     ks = np.empty(CHUNK + 64, np.int32)
     masks = np.empty(CHUNK // 64 + 1, np.uint64)
+    bits_at, delta_at, width = bits.ctypes.data, delta.ctypes.data, bits.itemsize
     first = 0
     for start in range(0, n, CHUNK):
         stop = min(start + CHUNK, n)
         chunk, part = bits[start:stop], delta[start:stop]
         if kind == 0:
-            ok = _merge_f32(chunk, part, scale, saved, ks)
+            ok = _merge_f32(chunk, part, scale, ks)
         elif kind == 1:
-            ok = _merge_bf16(chunk, part, scale, saved, ks)
+            ok = _merge_bf16(chunk, part, scale, ks)
         else:
-            ok = _merge_f16(chunk, part, scale, saved, ks)
+            ok = _merge_f16(chunk, part, scale, ks)
         if not ok:
-            chunk[:] = saved[:stop - start]
+            _put_back(chunk, part, scale, kind, ks)
             _add_dense(bits, delta, scale, kind, -1, start)
             _apply_record(bits, kind, start, counts, offsets[:ns], steps[:ns], escape_index[:ne], escape_bits[:ne])
             return -1, -1
         if start & (BLOCK - 1) == 0:
             first = ns  # the first step of this 65536-element block
-        ns, ne = _record_chunk(start, stop - start, ks, saved, masks, offsets, steps, ns, escape_index, escape_bits,
-                               ne)
+        following = min(stop + CHUNK, n) - stop
+        ahead = (bits_at + stop * width, following * width, delta_at + stop * 4, following * 4)
+        ns, ne = _record_chunk(start, chunk, part, scale, kind, ks, masks, record, ns, ne, ahead)
         counts[start >> 16] = ns - first
     return ns, ne
 
 
+# Unmerging checks a chunk before changing it (what decides is the input, not the result: a merged value or a
+# product that is not finite), then subtracts in a second loop over the chunk, now in cache.
 @njit(cache=True, nogil=True)
-def _unmerge_f32(bits, delta, scale, saved):
+def _finite_chunk(bits, delta, scale, kind):
+    """Whether every element of the chunk and its scaled delta is finite."""
+    exponent = F32_EXP if kind == 0 else (BF16_EXP if kind == 1 else F16_EXP)
     bad = 0
     for j in range(bits.size):
-        o = bits[j]
-        d = delta[j] * scale
-        bad |= ((o & F32_EXP) == F32_EXP) | ((_i32_from_f32(d) & F32_EXP) == F32_EXP)
-        saved[j] = o
-        bits[j] = _i32_from_f32(_f32_from_i32(o) - d)
+        bad |= ((bits[j] & exponent) == exponent) | ((_i32_from_f32(delta[j] * scale) & F32_EXP) == F32_EXP)
     return bad == 0
 
 
 @njit(cache=True, nogil=True)
-def _unmerge_bf16(bits, delta, scale, saved):
-    bad = 0
+def _unmerge_f32(bits, delta, scale):
     for j in range(bits.size):
-        o = bits[j]
-        d = delta[j] * scale
-        bad |= ((o & BF16_EXP) == BF16_EXP) | ((_i32_from_f32(d) & F32_EXP) == F32_EXP)
-        saved[j] = o
-        bits[j] = _bf16(_from_bf16(o) - d)
-    return bad == 0
+        bits[j] = _i32_from_f32(_f32_from_i32(bits[j]) - delta[j] * scale)
 
 
 @njit(cache=True, nogil=True)
-def _unmerge_f16(bits, delta, scale, saved):
-    bad = 0
+def _unmerge_bf16(bits, delta, scale):
     for j in range(bits.size):
-        o = bits[j]
-        d = delta[j] * scale
-        bad |= ((o & F16_EXP) == F16_EXP) | ((_i32_from_f32(d) & F32_EXP) == F32_EXP)
-        saved[j] = o
-        bits[j] = _f16bits_from_f32(_f32_from_f16bits(o) - d)
-    return bad == 0
+        bits[j] = _bf16(_from_bf16(bits[j]) - delta[j] * scale)
+
+
+@njit(cache=True, nogil=True)
+def _unmerge_f16(bits, delta, scale):
+    for j in range(bits.size):
+        bits[j] = _f16bits_from_f32(_f32_from_f16bits(bits[j]) - delta[j] * scale)
+
+
+@njit(cache=True, nogil=True)
+def _apply_chunk(bits, kind, start, stop, p, end, offsets, steps, e, escape_index, escape_bits):
+    """Add the steps ``p`` … (below ``end``, the last of this block) and write the escapes ``e`` … that fall
+    before ``stop``; returns the next ``p`` and ``e``."""
+    base = (start & ~(BLOCK - 1)) + HALF_BLOCK
+    while p < end:
+        pos = base + np.int64(offsets[p])
+        if pos >= stop:
+            break
+        bits[pos] = _wrap(np.int64(bits[pos]) + np.int64(steps[p]), kind)
+        p += 1
+    while e < escape_index.size and escape_index[e] < stop:
+        bits[escape_index[e]] = escape_bits[e]
+        e += 1
+    return p, e
 
 
 @njit(cache=True, nogil=True)
 def unmerge_pass(bits, delta, scale, kind, counts, offsets, steps, escape_index, escape_bits):
-    """Unmerge in place with the record; ``False`` with ``bits`` unchanged where a merged value or the product is
-    not finite."""
+    """Unmerge in place with the record, chunk by chunk (subtract, then that chunk's steps and escapes, while it is
+    in cache); ``False`` with ``bits`` unchanged where a merged value or the product is not finite."""
     n = bits.size
-    saved = np.empty(CHUNK, bits.dtype)
+    p = 0
+    e = 0
+    end = 0
+    bits_at, delta_at, width = bits.ctypes.data, delta.ctypes.data, bits.itemsize
     for start in range(0, n, CHUNK):
         stop = min(start + CHUNK, n)
         chunk, part = bits[start:stop], delta[start:stop]
-        if kind == 0:
-            ok = _unmerge_f32(chunk, part, scale, saved)
-        elif kind == 1:
-            ok = _unmerge_bf16(chunk, part, scale, saved)
-        else:
-            ok = _unmerge_f16(chunk, part, scale, saved)
-        if not ok:
-            chunk[:] = saved[:stop - start]
-            _apply_record(bits, kind, start, counts, offsets, steps, escape_index, escape_bits)
-            _add_dense(bits, delta, scale, kind, 1, start)
+        if not _finite_chunk(chunk, part, scale, kind):
+            _add_dense(bits, delta, scale, kind, 1, start)  # the chunks before are the originals: merge them again
             return False
-    _apply_record(bits, kind, n, counts, offsets, steps, escape_index, escape_bits)
+        if kind == 0:
+            _unmerge_f32(chunk, part, scale)
+        elif kind == 1:
+            _unmerge_bf16(chunk, part, scale)
+        else:
+            _unmerge_f16(chunk, part, scale)
+        if start & (BLOCK - 1) == 0:
+            end = p + counts[start >> 16]
+        p, e = _apply_chunk(bits, kind, start, stop, p, end, offsets, steps, e, escape_index, escape_bits)
+        following = min(stop + CHUNK, n) - stop
+        pass  # _prefetch_lines(bits_at + stop * width, (following * width + 63) // 64)
+        pass
     return True
