@@ -76,6 +76,7 @@ class Scratch:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, Tensor] = {}
+        self._matrices: dict[tuple, Tensor] = {}  # views of the buffers, dropped when a buffer is replaced
 
     def get(self, slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A flat buffer of ``numel`` elements for ``slot`` (contents undefined)."""
@@ -83,7 +84,18 @@ class Scratch:
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
             buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+            self._matrices.clear()
         return buf[:numel]
+
+    def matrix(self, slot: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """:meth:`get` as a ``rows × cols`` matrix; the same view again for the same shape (a model's layers come
+        in a few shapes, and each view costs a microsecond)."""
+        key = (slot, rows, cols, dtype, device)
+        view = self._matrices.get(key)
+        if view is None:
+            view = self.get(slot, rows * cols, dtype, device).view(rows, cols)
+            self._matrices[key] = view
+        return view
 
 
 def merge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float = 1.0,
@@ -114,8 +126,7 @@ def _merge_compiled(matrix: Tensor, left: Tensor, right: Tensor, scale: float,
     """:func:`merge_exact` in one compiled pass; ``None`` (nothing changed) where it does not apply."""
     if not (_USE_COMPILED[0] and compiled_supports(matrix, left)):
         return None
-    product = _product(left, right, scratch)
-    found = compiled_merge(matrix.view(-1), product.view(-1), scale)
+    found = compiled_merge(matrix, _product(left, right, scratch), scale)
     return None if found is None else MergeRecord(*found)
 
 
@@ -142,8 +153,8 @@ def unmerge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float, rec
     with torch.no_grad():
         product = _product(left, right, scratch)
         done = (_USE_COMPILED[0] and compiled_supports(matrix, product) and compiled_unmerge(
-            matrix.view(-1), product.view(-1), scale, record.counts, record.offsets, record.steps,
-            record.escape_index, record.escape_bits))
+            matrix, product, scale, record.counts, record.offsets, record.steps, record.escape_index,
+            record.escape_bits))
         if not done:
             matrix.sub_(_scaled(product, scale))
             bits = matrix.view(_INT[weight.element_size()]).view(-1)
@@ -164,14 +175,16 @@ def _as_matrix(weight: Tensor, left: Tensor, right: Tensor) -> Tensor:
             weight.numel() != left.shape[0] * right.shape[1]):
         raise ValueError(f"the product of factors {tuple(left.shape)} and {tuple(right.shape)} does not fit a "
                          f"weight of shape {tuple(weight.shape)}")
-    return weight.contiguous().view(left.shape[0], right.shape[1])
+    shape = (left.shape[0], right.shape[1])
+    if weight.shape == shape and weight.is_contiguous():
+        return weight  # most weights (a view costs a microsecond, per layer)
+    return weight.contiguous().view(shape)
 
 
 def _product(left: Tensor, right: Tensor, scratch: Scratch) -> Tensor:
     """``left @ right`` into scratch; merge and unmerge both get their delta from here. One product for the whole
     weight: a matrix product of fewer rows may sum in another order (e.g. one row goes to a vector kernel)."""
-    rows, cols = left.shape[0], right.shape[1]
-    return torch.mm(left, right, out=scratch.get("delta", rows * cols, left.dtype, left.device).view(rows, cols))
+    return torch.mm(left, right, out=scratch.matrix("delta", left.shape[0], right.shape[1], left.dtype, left.device))
 
 
 def _scaled(product: Tensor, scale: float) -> Tensor:

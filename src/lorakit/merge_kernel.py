@@ -54,18 +54,17 @@ def ready(timeout: Optional[float] = None) -> bool:
 def supports(weight: Tensor, delta: Tensor) -> bool:
     """Whether the compiled pass handles this weight and product: plain contiguous CPU tensors (no subclass such as
     a DTensor), a float32/bfloat16/float16 weight, a float32 product."""
-    return (type(weight) is Tensor and type(delta) is Tensor and weight.device.type == "cpu"
-            and delta.device.type == "cpu" and weight.dtype in _KINDS
-            and delta.dtype == torch.float32 and weight.is_contiguous() and delta.is_contiguous()
-            and available())
+    return (type(weight) is Tensor and type(delta) is Tensor and weight.is_cpu and delta.is_cpu
+            and weight.dtype in _KINDS and delta.dtype is torch.float32 and weight.is_contiguous()
+            and delta.is_contiguous() and available())
 
 
 def merge(weight: Tensor, delta: Tensor, scale: float) -> Optional[tuple]:
-    """``weight += delta · scale`` in place (both flat); returns ``(counts, offsets, steps, escape_index,
+    """``weight += delta · scale`` in place (both contiguous, of as many elements, read flat); returns ``(counts, offsets, steps, escape_index,
     escape_bits)`` as tensors (the fields of :class:`lorakit.exact_merge.MergeRecord`, arrays the pass allocated at
     their final sizes: nothing to copy), or ``None`` with ``weight`` unchanged where a merged value is not finite."""
     ints, kind = _KINDS[weight.dtype]
-    found = _kernels()["merge"](weight.view(ints).numpy(), delta.numpy(), _f32(scale), kind)
+    found = _kernels()["merge"](_flat(weight.view(ints)), _flat(delta), _f32(scale), kind)
     if not found[0]:
         return None
     return tuple(map(torch.from_numpy, found[1:]))
@@ -77,14 +76,18 @@ def unmerge(weight: Tensor, delta: Tensor, scale: float, counts: Tensor, offsets
     unchanged where a merged value or the product is not finite."""
     ints, kind = _KINDS[weight.dtype]
     fn = _kernels()["unmerge"]
-    return bool(fn(weight.view(ints).numpy(), delta.numpy(), _f32(scale), kind, counts.numpy(), offsets.numpy(),
+    return bool(fn(_flat(weight.view(ints)), _flat(delta), _f32(scale), kind, counts.numpy(), offsets.numpy(),
                    steps.numpy(), escape_index.numpy(), escape_bits.numpy()))
 
 
-def _f32(x: float):
-    import numpy as np
+def _flat(t: Tensor):
+    """A contiguous tensor as a flat numpy array (reshaped on the numpy side: a torch ``view`` costs more)."""
+    array = t.numpy()
+    return array if array.ndim == 1 else array.reshape(-1)
 
-    return np.float32(x)
+
+def _f32(x: float):
+    return _state["float32"](x)  # numpy's float32, kept by _load (an import statement per call costs a microsecond)
 
 
 def _kernels() -> dict:
@@ -112,6 +115,7 @@ def _load() -> None:
             found = merge_pass(bits, delta, np.float32(1), kind)
             unmerge_pass(bits, delta, np.float32(1), kind, *found[1:])
         kernels = {"merge": merge_pass, "unmerge": unmerge_pass}
+        _state["float32"] = np.float32
     except ImportError:
         pass  # numba is not installed: the eager passes
     except Exception as exc:  # noqa: BLE001 - a compiler failure must not break merging
