@@ -244,16 +244,30 @@ def _lowest_bit(typingctx, x):
     return types.uint64(x), codegen
 
 
+@intrinsic
+def _nonzero_mask64(typingctx, address):
+    """Bit ``t`` set where the int32 at integer ``address`` + 4 t is non-zero (``t`` < 64): one vector compare of
+    64 lanes and its mask as an integer (a few instructions, where a loop of shifts builds it slowly)."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        lanes = ir.VectorType(ir.IntType(32), 64)
+        ks = builder.load(builder.inttoptr(args[0], ir.PointerType()), typ=lanes)
+        ks.align = 4
+        return builder.bitcast(builder.icmp_signed("!=", ks, ir.Constant(lanes, [0] * 64)), ir.IntType(64))
+
+    return types.uint64(address), codegen
+
+
 @njit(cache=True, nogil=True)
 def _nonzero_masks(ks, size, masks):
-    """Bit ``t`` of ``masks[g]`` says whether ``ks[64 g + t]`` is non-zero (vectorized; ``ks`` padded with
-    zeros to a multiple of 64)."""
+    """Bit ``t`` of ``masks[g]`` says whether ``ks[64 g + t]`` is non-zero (``ks`` padded with zeros to a multiple
+    of 64)."""
     ks[size:(size + 63) // 64 * 64] = 0
+    at = ks.ctypes.data
     for g in range((size + 63) // 64):
-        m = np.uint64(0)
-        for t in range(64):
-            m |= np.uint64(ks[g * 64 + t] != 0) << np.uint64(t)
-        masks[g] = m
+        masks[g] = _nonzero_mask64(at + 256 * g)
 
 
 @njit(cache=True, nogil=True, inline="always")
