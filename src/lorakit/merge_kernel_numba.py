@@ -140,11 +140,11 @@ def _prefetch(typingctx, address):
         return None
 
     def codegen(context, builder, sig, args):
-        pointer = builder.inttoptr(args[0], ir.PointerType())
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ir.PointerType()] + [i32] * 3),
-                                            "llvm.prefetch.p0")
-        builder.call(fn, [pointer, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])  # read, keep
+        i8p, i32 = ir.PointerType(ir.IntType(8)), ir.IntType(32)  # typed pointers: older LLVMs (numba 0.60) too
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                          ir.Constant(i32, 1)])  # read, keep in all cache levels, data
         return context.get_dummy_value()
 
     return types.void(address), codegen
@@ -253,7 +253,7 @@ def _nonzero_mask64(typingctx, address):
 
     def codegen(context, builder, sig, args):
         lanes = ir.VectorType(ir.IntType(32), 64)
-        ks = builder.load(builder.inttoptr(args[0], ir.PointerType()), typ=lanes)
+        ks = builder.load(builder.inttoptr(args[0], ir.PointerType(lanes)))
         ks.align = 4
         return builder.bitcast(builder.icmp_signed("!=", ks, ir.Constant(lanes, [0] * 64)), ir.IntType(64))
 

@@ -57,9 +57,10 @@ def merged_names(layers: Iterable[LoraLayer]) -> list[str]:
 
 
 def shared_parameters(module: nn.Module) -> set[int]:
-    """The ``id`` of every parameter that ``module`` holds more than once (tied weights): what counting
-    ``named_parameters(remove_duplicate=False)`` finds, by a plain walk over ``_modules`` and ``_parameters``
-    (the named generators cost more than the merge of a small model's layers)."""
+    """The ``id`` of every parameter that ``module`` holds more than once (tied weights), as counting
+    ``named_parameters(remove_duplicate=False)`` finds them, by a plain walk over ``_modules`` and ``_parameters``
+    (the named generators cost more than the merge of a small model's layers). Inside an adapted layer only the
+    base layer is visited: this is for finding shared base weights, and the factors are lorakit's own."""
     seen: set[int] = set()
     shared: set[int] = set()
     stack = [module]
@@ -68,7 +69,10 @@ def shared_parameters(module: nn.Module) -> set[int]:
         for p in m._parameters.values():
             if p is not None:
                 (shared if id(p) in seen else seen).add(id(p))
-        stack.extend(c for c in m._modules.values() if c is not None)
+        if isinstance(m, LoraLayer):
+            stack.append(m._modules["base_layer"])
+        else:
+            stack.extend(c for c in m._modules.values() if c is not None)
     return shared
 
 
