@@ -8,10 +8,12 @@ product times ``float32(scale)``, and every difference of bit patterns wraps in 
 
 One pass reads each element of the weight and of the product once: it adds, subtracts again, compares the bit
 patterns, writes the merged value and appends the element to the record when it does not come back (see
-:class:`lorakit.exact_merge.MergeRecord`). Where a merged value is not finite (inf/nan: PyTorch's NaN bit
-patterns depend on which of its loops produced them) the pass stops, puts back what it changed and says so; the
-caller then takes the eager path. Unmerging is one pass too (subtract, then add the recorded steps back), with the
-same rule for non-finite values.
+:class:`lorakit.exact_merge.MergeRecord`). It works in chunks of 4096 elements: a vectorized dense loop, then the
+chunk's non-zero steps found through 64-bit masks, while the next chunk is prefetched from memory. Where a merged
+value is not finite (inf/nan: PyTorch's NaN bit patterns depend on which of its loops produced them) the pass
+stops, puts back what it changed (an original is the bits a plain subtraction gives back plus its step, so no copy
+is kept) and says so; the caller then takes the eager path. Unmerging is one pass too (check a chunk, subtract,
+add that chunk's recorded steps back while it is in cache), with the same rule for non-finite values.
 
 numba is not imported with lorakit. The first merge starts a background thread that imports it and loads the
 compiled passes (compiled once per installation and cached on disk by numba's ``cache=True``: tens of seconds of
