@@ -4,6 +4,10 @@ Bit patterns travel as integers (int32 for float32 weights, int16 for bfloat16/f
 are computed in float32 exactly as PyTorch computes ``W + Δ`` for these dtypes: widen (exact), add in float32,
 round once to the weight's dtype (nearest even). Compiled with ``fastmath`` off (no fused multiply-add, no
 reassociation), so each operation rounds as IEEE 754 says.
+
+A few operations numba has no word for are written as LLVM IR (``@intrinsic``): bit casts, a cache prefetch, a
+64-lane compare whose mask comes back as an integer, and (LLVM 19 and later) ``vector.compress``, which packs the
+non-zero steps of 16 elements at once. They change no arithmetic, only how the same results are found.
 """
 
 from __future__ import annotations
@@ -458,6 +462,9 @@ def _merge_chunks(bits, delta, scale, kind, record):
     return ns, ne
 
 
+UNMERGE_CHUNK = 1024  # checked, then subtracted: small enough that the second loop finds it in the first-level cache
+
+
 # Unmerging checks a chunk before changing it (what decides is the input, not the result: a merged value or a
 # product that is not finite), then subtracts in a second loop over the chunk, now in cache.
 @njit(cache=True, nogil=True)
@@ -494,10 +501,10 @@ def _apply_chunk(bits, kind, start, stop, p, end, offsets, steps, e, escape_inde
     before ``stop``; returns the next ``p`` and ``e``."""
     base = (start & ~(BLOCK - 1)) + HALF_BLOCK
     while p < end:
-        pos = base + np.int64(offsets[p])
+        pos = np.uint64(base + np.int64(offsets[p]))  # unsigned: no check for negative indices
         if pos >= stop:
             break
-        bits[pos] = _wrap(np.int64(bits[pos]) + np.int64(steps[p]), kind)
+        bits[pos] += steps[p]  # stored back in the weight's width: wraps
         p += 1
     while e < escape_index.size and escape_index[e] < stop:
         bits[escape_index[e]] = escape_bits[e]
@@ -507,15 +514,14 @@ def _apply_chunk(bits, kind, start, stop, p, end, offsets, steps, e, escape_inde
 
 @njit(cache=True, nogil=True)
 def unmerge_pass(bits, delta, scale, kind, counts, offsets, steps, escape_index, escape_bits):
-    """Unmerge in place with the record, chunk by chunk (subtract, then that chunk's steps and escapes, while it is
-    in cache); ``False`` with ``bits`` unchanged where a merged value or the product is not finite."""
+    """Unmerge in place with the record, chunk by chunk (check, subtract, then that chunk's steps and escapes,
+    while it is in cache); ``False`` with ``bits`` unchanged where a merged value or the product is not finite."""
     n = bits.size
     p = 0
     e = 0
     end = 0
-    bits_at, delta_at, width = bits.ctypes.data, delta.ctypes.data, bits.itemsize
-    for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
+    for start in range(0, n, UNMERGE_CHUNK):
+        stop = min(start + UNMERGE_CHUNK, n)
         chunk, part = bits[start:stop], delta[start:stop]
         if not _finite_chunk(chunk, part, scale, kind):
             _add_dense(bits, delta, scale, kind, 1, start)  # the chunks before are the originals: merge them again
@@ -529,7 +535,4 @@ def unmerge_pass(bits, delta, scale, kind, counts, offsets, steps, escape_index,
         if start & (BLOCK - 1) == 0:
             end = p + counts[start >> 16]
         p, e = _apply_chunk(bits, kind, start, stop, p, end, offsets, steps, e, escape_index, escape_bits)
-        following = min(stop + CHUNK, n) - stop
-        pass  # _prefetch_lines(bits_at + stop * width, (following * width + 63) // 64)
-        pass
     return True

@@ -357,12 +357,13 @@ class LoraModel(nn.Module):
         names = list(self.active_adapters if adapter_names is None else (
             [adapter_names] if isinstance(adapter_names, str) else adapter_names))
         check_adapter_names(names, self.peft_config)
-        merged = set(self.merged_adapter_names())
+        every = list(self.lora_layers())  # one walk for both uses
+        merged = set(merged_names(layer for _, layer in every))
         already = [n for n in names if n in merged]
         if already:
             warnings.warn(f"adapter(s) {already} are already merged; merging them again does nothing", stacklevel=2)
             names = [n for n in names if n not in already]
-        named = [(n, layer) for n, layer in self.lora_layers() if any(a in layer.r for a in names)]
+        named = [(n, layer) for n, layer in every if any(a in layer.r for a in names)]
         layers = [layer for _, layer in named]
         for layer in layers:
             layer.check_mergeable()
