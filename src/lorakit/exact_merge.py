@@ -114,25 +114,26 @@ def merge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float = 1.0,
         if not record:
             matrix.add_(_scaled(_product(left, right, scratch), scale))
         else:
-            kept = _merge_compiled(matrix, left, right, scale, scratch) or _merge_eager(matrix, left, right, scale,
-                                                                                      scratch)
+            product = _product(left, right, scratch)
+            kept = _merge_compiled(matrix, product, scale) or _merge_eager(matrix, product, scale, scratch)
         if matrix.data_ptr() != weight.data_ptr():
             weight.copy_(matrix.view(weight.shape))
     return kept
 
 
-def _merge_compiled(matrix: Tensor, left: Tensor, right: Tensor, scale: float,
-                    scratch: Scratch) -> Optional[MergeRecord]:
-    """:func:`merge_exact` in one compiled pass; ``None`` (nothing changed) where it does not apply."""
-    if not (_USE_COMPILED[0] and compiled_supports(matrix, left)):
+def _merge_compiled(matrix: Tensor, product: Tensor, scale: float) -> Optional[MergeRecord]:
+    """:func:`merge_exact` in one compiled pass; ``None`` (nothing changed, ``product`` included) where it does
+    not apply. Asked of the product, not the factors: a transposed factor (Conv1D) is not contiguous, the product
+    in scratch always is."""
+    if not (_USE_COMPILED[0] and compiled_supports(matrix, product)):
         return None
-    found = compiled_merge(matrix, _product(left, right, scratch), scale)
+    found = compiled_merge(matrix, product, scale)
     return None if found is None else MergeRecord(*found)
 
 
-def _merge_eager(matrix: Tensor, left: Tensor, right: Tensor, scale: float, scratch: Scratch) -> MergeRecord:
-    """:func:`merge_exact` in eager PyTorch passes."""
-    delta = _scaled(_product(left, right, scratch), scale)
+def _merge_eager(matrix: Tensor, product: Tensor, scale: float, scratch: Scratch) -> MergeRecord:
+    """:func:`merge_exact` in eager PyTorch passes (scales ``product`` in place)."""
+    delta = _scaled(product, scale)
     n, ints = matrix.numel(), _INT[matrix.element_size()]
     merged = torch.add(matrix, delta, out=scratch.get("merged", n, matrix.dtype, matrix.device).view(matrix.shape))
     k = scratch.get("k", n, ints, matrix.device)

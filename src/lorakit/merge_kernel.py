@@ -62,9 +62,10 @@ def supports(weight: Tensor, delta: Tensor) -> bool:
 
 
 def merge(weight: Tensor, delta: Tensor, scale: float) -> Optional[tuple]:
-    """``weight += delta · scale`` in place (both contiguous, of as many elements, read flat); returns ``(counts, offsets, steps, escape_index,
-    escape_bits)`` as tensors (the fields of :class:`lorakit.exact_merge.MergeRecord`, arrays the pass allocated at
-    their final sizes: nothing to copy), or ``None`` with ``weight`` unchanged where a merged value is not finite."""
+    """``weight += delta · scale`` in place (both contiguous, as many elements, read flat); returns ``(counts,
+    offsets, steps, escape_index, escape_bits)`` as tensors (the fields of :class:`lorakit.exact_merge.MergeRecord`,
+    arrays the pass allocated at their final sizes: nothing to copy), or ``None`` with ``weight`` unchanged where a
+    merged value is not finite."""
     ints, kind = _KINDS[weight.dtype]
     found = _kernels()["merge"](_flat(weight.view(ints)), _flat(delta), _f32(scale), kind)
     if not found[0]:
