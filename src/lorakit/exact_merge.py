@@ -76,6 +76,7 @@ class Scratch:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, Tensor] = {}
+        self._matrices: dict[tuple, Tensor] = {}  # views of the buffers, dropped when a buffer is replaced
 
     def get(self, slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A flat buffer of ``numel`` elements for ``slot`` (contents undefined)."""
@@ -83,7 +84,18 @@ class Scratch:
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
             buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+            self._matrices.clear()
         return buf[:numel]
+
+    def matrix(self, slot: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """:meth:`get` as a ``rows × cols`` matrix; the same view again for the same shape (a model's layers come
+        in a few shapes, and each view costs a microsecond)."""
+        key = (slot, rows, cols, dtype, device)
+        view = self._matrices.get(key)
+        if view is None:
+            view = self.get(slot, rows * cols, dtype, device).view(rows, cols)
+            self._matrices[key] = view
+        return view
 
 
 def merge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float = 1.0,
@@ -102,27 +114,26 @@ def merge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float = 1.0,
         if not record:
             matrix.add_(_scaled(_product(left, right, scratch), scale))
         else:
-            kept = _merge_compiled(matrix, left, right, scale, scratch) or _merge_eager(matrix, left, right, scale,
-                                                                                      scratch)
+            product = _product(left, right, scratch)
+            kept = _merge_compiled(matrix, product, scale) or _merge_eager(matrix, product, scale, scratch)
         if matrix.data_ptr() != weight.data_ptr():
             weight.copy_(matrix.view(weight.shape))
     return kept
 
 
-def _merge_compiled(matrix: Tensor, left: Tensor, right: Tensor, scale: float,
-                    scratch: Scratch) -> Optional[MergeRecord]:
-    """:func:`merge_exact` in one compiled pass; ``None`` (nothing changed) where it does not apply."""
-    if not (_USE_COMPILED[0] and compiled_supports(matrix, left)):
+def _merge_compiled(matrix: Tensor, product: Tensor, scale: float) -> Optional[MergeRecord]:
+    """:func:`merge_exact` in one compiled pass; ``None`` (nothing changed, ``product`` included) where it does
+    not apply. Asked of the product, not the factors: a transposed factor (Conv1D) is not contiguous, the product
+    in scratch always is."""
+    if not (_USE_COMPILED[0] and compiled_supports(matrix, product)):
         return None
-    product = _product(left, right, scratch)
-    found = compiled_merge(matrix.view(-1), product.view(-1), scale,
-                           lambda slot, n, dtype: scratch.get(slot, n, dtype, matrix.device))
+    found = compiled_merge(matrix, product, scale)
     return None if found is None else MergeRecord(*found)
 
 
-def _merge_eager(matrix: Tensor, left: Tensor, right: Tensor, scale: float, scratch: Scratch) -> MergeRecord:
-    """:func:`merge_exact` in eager PyTorch passes."""
-    delta = _scaled(_product(left, right, scratch), scale)
+def _merge_eager(matrix: Tensor, product: Tensor, scale: float, scratch: Scratch) -> MergeRecord:
+    """:func:`merge_exact` in eager PyTorch passes (scales ``product`` in place)."""
+    delta = _scaled(product, scale)
     n, ints = matrix.numel(), _INT[matrix.element_size()]
     merged = torch.add(matrix, delta, out=scratch.get("merged", n, matrix.dtype, matrix.device).view(matrix.shape))
     k = scratch.get("k", n, ints, matrix.device)
@@ -143,8 +154,8 @@ def unmerge_exact(weight: Tensor, left: Tensor, right: Tensor, scale: float, rec
     with torch.no_grad():
         product = _product(left, right, scratch)
         done = (_USE_COMPILED[0] and compiled_supports(matrix, product) and compiled_unmerge(
-            matrix.view(-1), product.view(-1), scale, record.counts, record.offsets, record.steps,
-            record.escape_index, record.escape_bits))
+            matrix, product, scale, record.counts, record.offsets, record.steps, record.escape_index,
+            record.escape_bits))
         if not done:
             matrix.sub_(_scaled(product, scale))
             bits = matrix.view(_INT[weight.element_size()]).view(-1)
@@ -165,14 +176,16 @@ def _as_matrix(weight: Tensor, left: Tensor, right: Tensor) -> Tensor:
             weight.numel() != left.shape[0] * right.shape[1]):
         raise ValueError(f"the product of factors {tuple(left.shape)} and {tuple(right.shape)} does not fit a "
                          f"weight of shape {tuple(weight.shape)}")
-    return weight.contiguous().view(left.shape[0], right.shape[1])
+    shape = (left.shape[0], right.shape[1])
+    if weight.shape == shape and weight.is_contiguous():
+        return weight  # most weights (a view costs a microsecond, per layer)
+    return weight.contiguous().view(shape)
 
 
 def _product(left: Tensor, right: Tensor, scratch: Scratch) -> Tensor:
     """``left @ right`` into scratch; merge and unmerge both get their delta from here. One product for the whole
     weight: a matrix product of fewer rows may sum in another order (e.g. one row goes to a vector kernel)."""
-    rows, cols = left.shape[0], right.shape[1]
-    return torch.mm(left, right, out=scratch.get("delta", rows * cols, left.dtype, left.device).view(rows, cols))
+    return torch.mm(left, right, out=scratch.matrix("delta", left.shape[0], right.shape[1], left.dtype, left.device))
 
 
 def _scaled(product: Tensor, scale: float) -> Tensor:

@@ -8,10 +8,12 @@ product times ``float32(scale)``, and every difference of bit patterns wraps in 
 
 One pass reads each element of the weight and of the product once: it adds, subtracts again, compares the bit
 patterns, writes the merged value and appends the element to the record when it does not come back (see
-:class:`lorakit.exact_merge.MergeRecord`). Where a merged value is not finite (inf/nan: PyTorch's NaN bit
-patterns depend on which of its loops produced them) the pass stops, puts back what it changed and says so; the
-caller then takes the eager path. Unmerging is one pass too (subtract, then add the recorded steps back), with the
-same rule for non-finite values.
+:class:`lorakit.exact_merge.MergeRecord`). It works in chunks of 4096 elements: a vectorized dense loop, then the
+chunk's non-zero steps found through 64-bit masks, while the next chunk is prefetched from memory. Where a merged
+value is not finite (inf/nan: PyTorch's NaN bit patterns depend on which of its loops produced them) the pass
+stops, puts back what it changed (an original is the bits a plain subtraction gives back plus its step, so no copy
+is kept) and says so; the caller then takes the eager path. Unmerging is one pass too (check a chunk, subtract,
+add that chunk's recorded steps back while it is in cache), with the same rule for non-finite values.
 
 numba is not imported with lorakit. The first merge starts a background thread that imports it and loads the
 compiled passes (compiled once per installation and cached on disk by numba's ``cache=True``: tens of seconds of
@@ -23,7 +25,7 @@ compiler.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -54,30 +56,21 @@ def ready(timeout: Optional[float] = None) -> bool:
 def supports(weight: Tensor, delta: Tensor) -> bool:
     """Whether the compiled pass handles this weight and product: plain contiguous CPU tensors (no subclass such as
     a DTensor), a float32/bfloat16/float16 weight, a float32 product."""
-    return (type(weight) is Tensor and type(delta) is Tensor and weight.device.type == "cpu"
-            and delta.device.type == "cpu" and weight.dtype in _KINDS
-            and delta.dtype == torch.float32 and weight.is_contiguous() and delta.is_contiguous()
-            and available())
+    return (type(weight) is Tensor and type(delta) is Tensor and weight.is_cpu and delta.is_cpu
+            and weight.dtype in _KINDS and delta.dtype is torch.float32 and weight.is_contiguous()
+            and delta.is_contiguous() and available())
 
 
-def merge(weight: Tensor, delta: Tensor, scale: float, buffers: Callable[[str, int, torch.dtype], Tensor]
-          ) -> Optional[tuple]:
-    """``weight += delta · scale`` in place (both flat); returns ``(counts, offsets, steps, escape_index,
-    escape_bits)`` as tensors (the fields of :class:`lorakit.exact_merge.MergeRecord`), or ``None`` with ``weight``
-    unchanged where a merged value is not finite. ``buffers(slot, numel, dtype)``: a reusable work buffer."""
+def merge(weight: Tensor, delta: Tensor, scale: float) -> Optional[tuple]:
+    """``weight += delta · scale`` in place (both contiguous, as many elements, read flat); returns ``(counts,
+    offsets, steps, escape_index, escape_bits)`` as tensors (the fields of :class:`lorakit.exact_merge.MergeRecord`,
+    arrays the pass allocated at their final sizes: nothing to copy), or ``None`` with ``weight`` unchanged where a
+    merged value is not finite."""
     ints, kind = _KINDS[weight.dtype]
-    n = weight.numel()
-    bits = weight.view(ints)
-    counts = torch.zeros(n // BLOCK + 1, dtype=torch.int32)  # as exact_merge counts them
-    offsets, steps = buffers("offsets", n, torch.int16), buffers("steps", n, torch.int8)
-    escape_index, escape_bits = buffers("escape_index", n, torch.int64), buffers("escape_bits", n, ints)
-    fn = _kernels()["merge"]
-    found = fn(bits.numpy(), delta.numpy(), _f32(scale), kind, counts.numpy(), offsets.numpy(), steps.numpy(),
-               escape_index.numpy(), escape_bits.numpy())
-    if found[0] < 0:
+    found = _kernels()["merge"](_flat(weight.view(ints)), _flat(delta), _f32(scale), kind)
+    if not found[0]:
         return None
-    return counts, offsets[:found[0]].clone(), steps[:found[0]].clone(), escape_index[:found[1]].clone(), \
-        escape_bits[:found[1]].clone()
+    return tuple(map(torch.from_numpy, found[1:]))
 
 
 def unmerge(weight: Tensor, delta: Tensor, scale: float, counts: Tensor, offsets: Tensor, steps: Tensor,
@@ -86,14 +79,18 @@ def unmerge(weight: Tensor, delta: Tensor, scale: float, counts: Tensor, offsets
     unchanged where a merged value or the product is not finite."""
     ints, kind = _KINDS[weight.dtype]
     fn = _kernels()["unmerge"]
-    return bool(fn(weight.view(ints).numpy(), delta.numpy(), _f32(scale), kind, counts.numpy(), offsets.numpy(),
+    return bool(fn(_flat(weight.view(ints)), _flat(delta), _f32(scale), kind, counts.numpy(), offsets.numpy(),
                    steps.numpy(), escape_index.numpy(), escape_bits.numpy()))
 
 
-def _f32(x: float):
-    import numpy as np
+def _flat(t: Tensor):
+    """A contiguous tensor as a flat numpy array (reshaped on the numpy side: a torch ``view`` costs more)."""
+    array = t.numpy()
+    return array if array.ndim == 1 else array.reshape(-1)
 
-    return np.float32(x)
+
+def _f32(x: float):
+    return _state["float32"](x)  # numpy's float32, kept by _load (an import statement per call costs a microsecond)
 
 
 def _kernels() -> dict:
@@ -118,11 +115,10 @@ def _load() -> None:
 
         for ints, kind in ((np.int32, 0), (np.int16, 1), (np.int16, 2)):  # _KINDS, without torch in this thread
             bits, delta = np.zeros(8, ints), np.zeros(8, np.float32)
-            found = merge_pass(bits, delta, np.float32(1), kind, np.zeros(1, np.int32), np.zeros(8, np.int16),
-                               np.zeros(8, np.int8), np.zeros(8, np.int64), np.zeros_like(bits))
-            unmerge_pass(bits, delta, np.float32(1), kind, np.zeros(1, np.int32), np.zeros(found[0], np.int16),
-                         np.zeros(found[0], np.int8), np.zeros(0, np.int64), np.zeros(0, bits.dtype))
+            found = merge_pass(bits, delta, np.float32(1), kind)
+            unmerge_pass(bits, delta, np.float32(1), kind, *found[1:])
         kernels = {"merge": merge_pass, "unmerge": unmerge_pass}
+        _state["float32"] = np.float32
     except ImportError:
         pass  # numba is not installed: the eager passes
     except Exception as exc:  # noqa: BLE001 - a compiler failure must not break merging

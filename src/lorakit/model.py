@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections import Counter
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -29,7 +28,7 @@ from .modules_to_save import ModulesToSaveWrapper
 from .targeting import modules_to_save_names, select_parameters, select_targets, unadapted_expert_parameters
 from .trainability import DisabledGrads, check_bias_owner, mark_trainable
 from .trainable_tokens import TrainableTokensWrapper, inject_tokens
-from .walk import base_of, head_names, merged_names, parent_and_child, walk
+from .walk import base_of, head_names, merged_names, parent_and_child, shared_parameters, walk
 
 __all__ = ["LoraModel"]
 
@@ -358,11 +357,13 @@ class LoraModel(nn.Module):
         names = list(self.active_adapters if adapter_names is None else (
             [adapter_names] if isinstance(adapter_names, str) else adapter_names))
         check_adapter_names(names, self.peft_config)
-        already = [n for n in names if n in self.merged_adapter_names()]
+        every = list(self.lora_layers())  # one walk for both uses
+        merged = set(merged_names(layer for _, layer in every))
+        already = [n for n in names if n in merged]
         if already:
             warnings.warn(f"adapter(s) {already} are already merged; merging them again does nothing", stacklevel=2)
             names = [n for n in names if n not in already]
-        named = [(n, layer) for n, layer in self.lora_layers() if any(a in layer.r for a in names)]
+        named = [(n, layer) for n, layer in every if any(a in layer.r for a in names)]
         layers = [layer for _, layer in named]
         for layer in layers:
             layer.check_mergeable()
@@ -378,8 +379,7 @@ class LoraModel(nn.Module):
         warn_requantization(named)  # quantized layers round the merged weights: say how much
 
     def _shared_weights(self) -> set[int]:
-        counts = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
-        return {pid for pid, n in counts.items() if n > 1}
+        return shared_parameters(self.model)
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter back out; the base weights come back bit for bit."""

@@ -59,11 +59,22 @@ def lora_factors(A: Tensor, B: Tensor, scaling: float, transpose: bool = False) 
     into the rank-sized ``B`` (the same bits as :func:`lora_delta`'s ``(B @ A) · s``, without a pass over the
     full-size product); any other stays a separate factor, so the bits stay PEFT's."""
     scaling = float(scaling)  # a tensor scaling (compiled hotswap) too
-    dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
-    left, right = B.flatten(1).to(dtype), A.flatten(1).to(dtype)
+    dtype = A.dtype if A.dtype is B.dtype and A.dtype in _WIDE else torch.promote_types(
+        torch.promote_types(A.dtype, B.dtype), torch.float32)
+    left, right = _as_2d(B, dtype), _as_2d(A, dtype)  # merging calls this per layer: no calls that change nothing
     if scaling != 0 and math.frexp(scaling)[0] == 0.5:  # ±2^k
         left, scaling = left * scaling, 1.0
     return (right.T, left.T, scaling) if transpose else (left, right, scaling)
+
+
+_WIDE = (torch.float32, torch.float64)
+
+
+def _as_2d(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.flatten(1).to(dtype)``, skipping each step where it would return ``t`` unchanged."""
+    if t.dim() != 2:
+        t = t.flatten(1)
+    return t if t.dtype is dtype else t.to(dtype)
 
 
 def kaiming_uniform_(t: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ __all__ = [
     "base_of",
     "head_names",
     "merged_names",
+    "shared_parameters",
     "activation_checkpointing",
 ]
 
@@ -53,6 +54,26 @@ def leaf_parameters(module: nn.Module, prefix: str) -> Iterable[tuple[str, nn.Pa
 def merged_names(layers: Iterable[LoraLayer]) -> list[str]:
     """The adapters merged into any of ``layers``, each once, in the order first met."""
     return list(dict.fromkeys(name for layer in layers for name in layer.merged_adapters))
+
+
+def shared_parameters(module: nn.Module) -> set[int]:
+    """The ``id`` of every parameter that ``module`` holds more than once (tied weights), as counting
+    ``named_parameters(remove_duplicate=False)`` finds them, by a plain walk over ``_modules`` and ``_parameters``
+    (the named generators cost more than the merge of a small model's layers). Inside an adapted layer only the
+    base layer is visited: this is for finding shared base weights, and the factors are lorakit's own."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        for p in m._parameters.values():
+            if p is not None:
+                (shared if id(p) in seen else seen).add(id(p))
+        if isinstance(m, LoraLayer):
+            stack.append(m._modules["base_layer"])
+        else:
+            stack.extend(c for c in m._modules.values() if c is not None)
+    return shared
 
 
 def parent_and_child(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -423,8 +423,7 @@ class LoraLayer(DoraMixin, AdapterScales, RowRouting, nn.Module):
     def _merge_factors(self, adapter_name: str) -> tuple[Tensor, Tensor, float]:
         """:func:`lora_factors` of one adapter, for merge and unmerge."""
         A, B = self.factors(adapter_name)
-        with torch.no_grad():
-            return lora_factors(A.detach(), B.detach(), self.scaling[adapter_name], self.transpose_delta)
+        return lora_factors(A.detach(), B.detach(), self.scaling[adapter_name], self.transpose_delta)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.adapter_names)
