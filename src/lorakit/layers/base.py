@@ -19,6 +19,7 @@ from .construction import add_child, init_module, new_module
 from .dora import DoraMixin
 from .init import check_base_rewrite, restore_base
 from .routing import RowRouting
+from .rows import watched
 from .scales import AdapterScales
 
 __all__ = ["LoraLayer", "factor_weight"]
@@ -56,8 +57,8 @@ class LoraLayer(DoraMixin, AdapterScales, RowRouting, nn.Module):
         # (~3 µs a field, more than the rest of building the layer) would find nothing to do.
         self._modules.update(
             base_layer=base_layer,
-            lora_A=new_module(nn.ModuleDict),
-            lora_B=new_module(nn.ModuleDict),
+            lora_A=watched(new_module(nn.ModuleDict)),  # watched: a replaced factor shows to the stack cache
+            lora_B=watched(new_module(nn.ModuleDict)),
             lora_dropout=new_module(nn.ModuleDict),
             lora_magnitude_vector=new_module(nn.ModuleDict),  # DoRA adapters only
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from itertools import chain
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from ..ops import add_dropped_lora, add_lora, add_lora_groups, add_lora_rows
 from .base import LoraLayer
 from .construction import Factor, add_child
 from .init import initialize
-from .rows import RowAdapters
+from .rows import RowAdapters, WatchedTable
 
 try:  # the global hooks that Module.__call__ checks (see Linear.forward)
     from torch.nn.modules.module import (
@@ -118,9 +120,37 @@ class Linear(LoraLayer):
         except KeyError:
             return super()._factor_list(names)
 
+    def _row_tensors(self, present: Sequence[str]) -> list[Tensor]:
+        """The factors, then the ``lora_bias`` terms of the adapters that have one (see :meth:`_stack_extra`)."""
+        B = self._modules["lora_B"]._modules
+        biases = [B[n]._parameters.get("bias") for n in present]
+        return self._factor_list(present) + [b for b in biases if b is not None]
+
+    def _stack_extra(self, names: Sequence[str]) -> Optional[Tensor]:
+        """``scaling·b`` of each adapter's ``lora_bias`` as ``(K+1, out)`` (zeros for slot 0 and adapters without
+        one); ``None`` when no adapter in ``names`` has one."""
+        factors = self._modules["lora_B"]._modules
+        biases = [factors[n]._parameters.get("bias") if n in factors else None for n in names]
+        if biases.count(None) == len(biases):
+            return None
+        given = [b for b in biases if b is not None]
+        dtype = functools.reduce(torch.promote_types, [b.dtype for b in given])
+        zero = given[0].new_zeros(given[0].shape, dtype=dtype)
+        return torch.stack([zero] + [zero if b is None else (b * self.scaling[n]).to(dtype)
+                                     for n, b in zip(names, biases)])
+
+    def _row_tables(self) -> tuple:
+        modules = self._modules
+        return modules["lora_A"]._modules, modules["lora_B"]._modules
+
+    def _tables_watched(self, tables: tuple, present: Sequence[str]) -> bool:
+        A, B = tables
+        return type(A) is WatchedTable and type(B) is WatchedTable and all(
+            type(m._parameters) is WatchedTable for m in chain(map(A.__getitem__, present), map(B.__getitem__, present)))
+
     def _add_row_outputs(self, out: Tensor, x: Tensor, rows: RowAdapters) -> Tensor:
         index = rows.for_batch(x.shape[0])
-        A_stack, B_stack = self._stacked_factors(rows.names)
+        A_stack, B_stack, bias = self._stacked_factors(rows.names)
         if x.dtype != A_stack.dtype:
             x = x.to(A_stack.dtype)
         if self.training:
@@ -134,12 +164,7 @@ class Linear(LoraLayer):
         elif (groups := rows.groups(n)) is not None:  # rows grouped by adapter, base rows left out
             out = add_lora_groups(out, x, groups.take, groups.dest, groups.src, A_stack[groups.slots],
                                   B_stack[groups.slots])
-        factors = self._modules["lora_B"]._modules  # each adapter's lora_bias, read without a call per adapter
-        biases = [factors[n]._parameters.get("bias") if n in factors else None for n in rows.names]
-        if biases.count(None) == len(biases):
+        if bias is None:
             return out
-        zero = out.new_zeros(out.shape[-1])  # lora_bias adapters: each row adds its adapter's s·b
-        stack = torch.stack([zero] + [zero if b is None else (b * self.scaling[n]).to(out.dtype)
-                                      for n, b in zip(rows.names, biases)])
-        per_row = rows.rows_of(stack, x.shape[0])
+        per_row = rows.rows_of(bias, n).to(out.dtype)  # lora_bias adapters: each row adds its adapter's s·b
         return out + per_row.view(per_row.shape[0], *([1] * (out.dim() - 2)), out.shape[-1])

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .rows import RowAdapters, StackCache
+from .rows import RowAdapters, StackCache, note_table_write
 
 __all__ = ["RowRouting"]
 
@@ -37,20 +37,22 @@ class RowRouting:
                 out = out.index_copy(0, picked, self._adapter_output(out[picked], x[picked], name))
         return out
 
-    def _stacked_factors(self, names: Sequence[str]) -> tuple[Tensor, Tensor]:
+    def _stacked_factors(self, names: Sequence[str]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """``A`` of every adapter in ``names`` as ``(K+1, r_max, in)`` and ``scaling·B`` as ``(K+1, out, r_max)``;
-        slot 0 (the base model) and adapters this layer lacks are zeros, smaller ranks are zero-padded.
+        slot 0 (the base model) and adapters this layer lacks are zeros, smaller ranks are zero-padded. Third, what
+        the layer kind stacks beside them (:meth:`_stack_extra`), or ``None``.
 
         Cached while no gradient is recorded (see :class:`~lorakit.layers.rows.StackCache`).
         """
-        present = [n for n in names if n in self.r]
-        tensors = self._factor_list(present)
-        scalings = [self.scaling.get(n) for n in names]
         grad = torch.is_grad_enabled() or torch.compiler.is_compiling()  # a compiled graph builds its own stacks
-        if not grad and self._stack_cache is not None and self._stack_cache.matches(names, scalings, tensors):
-            return self._stack_cache.stacks
+        cache = self._stack_cache
+        if not grad and cache is not None and cache.current(names, self.scaling, self._row_tables(), self._row_tensors):
+            return cache.stacks
+        present = [n for n in names if n in self.r]
+        tensors = self._row_tensors(present)
+        scalings = [self.scaling.get(n) for n in names]
         k = len(present)
-        pairs = dict(zip(present, zip(tensors[:k], tensors[k:])))
+        pairs = dict(zip(present, zip(tensors[:k], tensors[k:2 * k])))
         any_A, any_B = tensors[0], tensors[k]
         r_max = max(self.r[n] for n in present)
         As = [any_A.new_zeros(r_max, *any_A.shape[1:])]
@@ -63,11 +65,39 @@ class RowRouting:
                 A, B = pairs[name]
                 As.append(F.pad(A, (0, 0, 0, r_max - A.shape[0])))
                 Bs.append(F.pad(B, (0, r_max - B.shape[1])) * self.scaling[name])
-        A_stack, B_stack = torch.stack(As), torch.stack(Bs)
-        self._stack_cache = None if grad else StackCache(names, scalings, tensors, (A_stack, B_stack))
-        return A_stack, B_stack
+        stacks = torch.stack(As), torch.stack(Bs), self._stack_extra(names)
+        if not grad:
+            tables = self._row_tables()
+            self._stack_cache = StackCache(names, present, scalings, tensors, stacks,
+                                           tables if self._tables_watched(tables, present) else None)
+        return stacks
 
     def _factor_list(self, names: Sequence[str]) -> list[Tensor]:
         """``[A₁, A₂, …, B₁, B₂, …]`` (:meth:`factors`) of the adapters ``names``, all present in this layer."""
         pairs = [self.factors(n) for n in names]
         return [A for A, _ in pairs] + [B for _, B in pairs]
+
+    # -- what a layer kind tells the stack cache (the defaults: nothing beside the factors, nothing watched) ------
+    def _row_tensors(self, present: Sequence[str]) -> list[Tensor]:
+        """Every tensor the stacks are built from: :meth:`_factor_list` first, then those of :meth:`_stack_extra`."""
+        return self._factor_list(present)
+
+    def _stack_extra(self, names: Sequence[str]) -> Optional[Tensor]:
+        """A further per-adapter stack built with the factors (slot 0 first), or ``None``."""
+        return None
+
+    def _row_tables(self) -> tuple:
+        """The tables this layer reads its factors from (compared by identity at every step)."""
+        return ()
+
+    def _tables_watched(self, tables: tuple, present: Sequence[str]) -> bool:
+        """Whether every table the factors of ``present`` are read through is a
+        :class:`~lorakit.layers.rows.WatchedTable`, so that a replaced factor shows as a counted write."""
+        return False
+
+    def _apply(self, fn, recurse: bool = True):
+        """``Module._apply`` (``.to()``, ``.half()``, ``.cuda()``) may give the factors new data through ``.data``,
+        which neither a table write nor a version counter shows: count it as a write."""
+        result = super()._apply(fn, recurse)
+        note_table_write()
+        return result

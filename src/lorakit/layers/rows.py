@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["RowAdapters", "RowGroups", "StackCache"]
+__all__ = ["RowAdapters", "RowGroups", "StackCache", "WatchedTable", "note_table_write", "table_writes",
+           "watched"]
 
 
 @dataclass(frozen=True)
@@ -116,28 +117,122 @@ class RowAdapters:
 
 _version = operator.attrgetter("_version")
 
+#: how many writes :class:`WatchedTable` tables have seen, process-wide (a stack cache built at one count is
+#: checked at the next step by comparing one integer instead of re-reading every factor)
+_TABLE_WRITES = [0]
+
+
+def table_writes() -> int:
+    """The number of writes to watched tables so far (see :class:`WatchedTable`)."""
+    return _TABLE_WRITES[0]
+
+
+def note_table_write() -> None:
+    """Count a change that replaces factor tensors without writing a watched table (``Module._apply`` swapping
+    ``.data`` under ``.to()``/``.half()``)."""
+    _TABLE_WRITES[0] += 1
+
+
+class WatchedTable(dict):
+    """A module's table (``_parameters`` of a factor, ``_modules`` of ``lora_A``/``lora_B``, ``_parameters`` of a
+    ParameterDict of factors) that counts every write.
+
+    Every way a factor tensor can be replaced ends in such a write: ``module.weight = …`` and
+    ``load_state_dict(assign=True)`` (``register_parameter``), ``del``, parametrizations, ``torch.func.
+    functional_call`` and ``Module._apply`` with new tensors (direct item writes), ``lora_A[name] = …``
+    (``add_module``). A mixed batch's stack cache then checks one counter per step for all of them, plus the
+    version counters of the factors for in-place updates (see :class:`StackCache`). Reads are a plain dict's.
+    """
+
+    __slots__ = ()
+
+    def __setitem__(self, key, value) -> None:
+        _TABLE_WRITES[0] += 1
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key) -> None:
+        _TABLE_WRITES[0] += 1
+        dict.__delitem__(self, key)
+
+    def __ior__(self, other):
+        _TABLE_WRITES[0] += 1
+        return dict.__ior__(self, other)
+
+    def pop(self, *args):
+        _TABLE_WRITES[0] += 1
+        return dict.pop(self, *args)
+
+    def popitem(self):
+        _TABLE_WRITES[0] += 1
+        return dict.popitem(self)
+
+    def clear(self) -> None:
+        _TABLE_WRITES[0] += 1
+        dict.clear(self)
+
+    def update(self, *args, **kwargs) -> None:
+        _TABLE_WRITES[0] += 1
+        dict.update(self, *args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        _TABLE_WRITES[0] += 1
+        return dict.setdefault(self, key, default)
+
+
+def watched(module: nn.Module) -> nn.Module:
+    """``module`` with its ``_parameters`` and ``_modules`` tables made :class:`WatchedTable` (same contents)."""
+    state = vars(module)
+    for key in ("_parameters", "_modules"):
+        state[key] = WatchedTable(state[key])
+    return module
+
 
 class StackCache:
     """A layer's stacked factors for one list of adapter names, with what they were built from.
 
-    Valid while the names, the scalings and the factor tensors are the same: the same objects (holding them keeps
-    their ids from being reused; a replaced parameter is a new object) at the same version counters (an in-place
-    update, such as an optimizer step or ``load_state_dict``, bumps them). Scalings held as tensors (prepared for
-    compiled hotswap) are compared the same way: a hotswap writes them in place. The checks run in C loops: a mixed
-    batch of 32 adapters checks 64 tensors per layer per step.
+    Valid while the names, the scalings and the factor tensors are the same: the same objects at the same version
+    counters (an in-place update, such as an optimizer step, a hotswap or ``load_state_dict``, bumps them; holding
+    the tensors keeps their ids from being reused). Scalings held as tensors (prepared for compiled hotswap) are
+    compared the same way: a hotswap writes them in place.
+
+    Whether they are the same objects is the costly part to ask at every step (a mixed batch of 32 adapters
+    holds 64 factor tensors per layer, and with the interpreter's data out of cache after every layer's weights
+    streamed through, re-reading each from its module costs about a microsecond). Where every table the factors
+    are read from is a :class:`WatchedTable` (``watched``), no write to any of them since the stacks were built
+    means no factor was replaced: one integer compared, plus the identity of the tables themselves (``tables``).
+    Otherwise the factors are re-read (``reread``). ``extra`` is whatever else a layer kind stacks alongside
+    (a Linear's ``lora_bias`` terms), built from the same tensors.
     """
 
-    def __init__(self, names: Sequence[str], scalings: list, tensors: list, stacks: tuple[Tensor, Tensor]) -> None:
-        self.names, self.scalings, self.tensors, self.stacks = tuple(names), scalings, tensors, stacks
-        self.versions = list(map(_version, tensors))
-        self.scaling_versions = [getattr(s, "_version", None) for s in scalings]
+    def __init__(self, names: Sequence[str], present: list, scalings: list, tensors: list,
+                 stacks: tuple, tables: Optional[tuple]) -> None:
+        self.names, self.present, self.scalings, self.tensors, self.stacks = (
+            tuple(names), present, scalings, tensors, stacks)
+        self.tables = tables  # None: some table is not watched, the factors are re-read at every check
+        self.writes = _TABLE_WRITES[0]
+        # Versions are read through aliases made here (``detach()`` shares the tensor's version counter): their
+        # Python and tensor objects lie together in memory, the factors' own are scattered over the heap, and
+        # each cold object costs a cache miss. About half the time of reading the factors' counters directly.
+        self.aliases = [t.detach() for t in tensors]
+        self.versions = list(map(_version, self.aliases))
+        self.scaling_aliases = [s.detach() for s in scalings if isinstance(s, Tensor)]
+        self.scaling_versions = list(map(_version, self.scaling_aliases))
 
-    def matches(self, names: Sequence[str], scalings: list, tensors: list) -> bool:
-        return (
-            self.names == tuple(names)
-            and self.scalings == scalings
-            and len(self.tensors) == len(tensors)
-            and all(map(operator.is_, self.tensors, tensors))
-            and self.versions == list(map(_version, tensors))
-            and self.scaling_versions == [getattr(s, "_version", None) for s in scalings]
-        )
+    def current(self, names: Sequence[str], scaling: dict, tables: tuple, reread) -> bool:
+        """Whether the stacks are still those of ``names`` with the layer's ``scaling`` table, factor ``tables``
+        (the layer's, as now) and factors. ``reread(present)`` lists the factors as now (only called when the tables are
+        not watched, or were written)."""
+        if not (
+            self.names == names
+            and list(map(scaling.get, self.names)) == self.scalings
+            and list(map(_version, self.scaling_aliases)) == self.scaling_versions
+            and list(map(_version, self.aliases)) == self.versions
+        ):
+            return False
+        if self.tables is not None and self.writes == _TABLE_WRITES[0] and all(map(operator.is_, self.tables, tables)):
+            return True
+        tensors = reread(self.present)
+        if tensors is None or len(tensors) != len(self.tensors) or not all(map(operator.is_, self.tensors, tensors)):
+            return False
+        self.writes = _TABLE_WRITES[0]  # the same objects: no need to re-read them until the next write
+        return True
