@@ -198,13 +198,7 @@ class LoraLayer(DoraMixin, AdapterScales, RowRouting, nn.Module):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self._modules["base_layer"](x, *args, **kwargs)  # not self.base_layer: a Python-level lookup
         if self._rows is not None:
-            rows = self._rows
-            rows.for_batch(x.shape[0])  # every layer checks the rows it receives, even where it adds nothing
-            if self.disable_adapters or not any(n in self.r for n in rows.names):
-                return out
-            if any(n in self.lora_magnitude_vector._modules for n in rows.names):  # DoRA rows: adapter by adapter
-                return LoraLayer._add_row_outputs(self, out, x, rows)
-            return self._add_row_outputs(out, x, rows)
+            return self._routed(out, x, self._rows)
         if self._dora_live:
             for name in self._live:
                 out = self._adapter_output(out, x, name)

@@ -73,10 +73,11 @@ class Linear(LoraLayer):
             super().reset_lora_parameters(adapter_name, init_lora_weights)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """:meth:`LoraLayer.forward`, calling the base layer as ``F.linear`` where that is exactly what calling it
-        would do: a stock ``nn.Linear`` (not a subclass: quantized and parametrized layers have their own forward)
-        with no hooks of its own or global ones, no ``forward`` patched onto the instance or the class (accelerate's
-        offloading patches the instance) and its tensors registered as parameters (FSDP swaps in plain tensors).
+        """:meth:`LoraLayer.forward` (mixed batches too), calling the base layer as ``F.linear`` where that is exactly
+        what calling it would do: a stock ``nn.Linear`` (not a subclass: quantized and parametrized layers have their
+        own forward) with no hooks of its own or global ones, no ``forward`` patched onto the instance or the class
+        (accelerate's offloading patches the instance) and its tensors registered as parameters (FSDP swaps in plain
+        tensors).
 
         At batch-1 decode ``Module.__call__`` costs as much as a LoRA matmul, and so does every further Python call
         per layer (the interpreter's code and data are out of cache after each layer's weights stream through), so
@@ -85,7 +86,7 @@ class Linear(LoraLayer):
         base = self._modules["base_layer"]
         params = base._parameters
         if (
-            args or kwargs or self._rows is not None or self._dora_live
+            args or kwargs or self._dora_live
             or type(base) is not nn.Linear or nn.Linear.forward is not _LINEAR_FORWARD or "forward" in base.__dict__
             or base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
             or _global_forward_hooks or _global_forward_pre_hooks
@@ -94,6 +95,8 @@ class Linear(LoraLayer):
         ):
             return super().forward(x, *args, **kwargs)
         out = F.linear(x, params["weight"], params["bias"])
+        if self._rows is not None:
+            return self._routed(out, x, self._rows)
         for name in self._live:
             out = self._add_adapter_output(out, x, name)
         return out
@@ -145,8 +148,9 @@ class Linear(LoraLayer):
 
     def _tables_watched(self, tables: tuple, present: Sequence[str]) -> bool:
         A, B = tables
+        factors = chain(map(A.__getitem__, present), map(B.__getitem__, present))
         return type(A) is WatchedTable and type(B) is WatchedTable and all(
-            type(m._parameters) is WatchedTable for m in chain(map(A.__getitem__, present), map(B.__getitem__, present)))
+            type(m._parameters) is WatchedTable for m in factors)
 
     def _add_row_outputs(self, out: Tensor, x: Tensor, rows: RowAdapters) -> Tensor:
         index = rows.for_batch(x.shape[0])

@@ -25,6 +25,16 @@ class RowRouting:
         """Route batch rows to adapters (:mod:`lorakit.mixed_batch` sets this for one call, then ``None``)."""
         self._rows = rows
 
+    def _routed(self, out: Tensor, x: Tensor, rows: RowAdapters) -> Tensor:
+        """The base layer's output ``out`` plus each row's own adapter's output (the forward of a mixed batch)."""
+        rows.for_batch(x.shape[0])  # every layer checks the rows it receives, even where it adds nothing
+        if self.disable_adapters or not any(n in self.r for n in rows.names):
+            return out
+        magnitudes = self._modules["lora_magnitude_vector"]._modules
+        if magnitudes and any(n in magnitudes for n in rows.names):  # DoRA rows: adapter by adapter
+            return RowRouting._add_row_outputs(self, out, x, rows)
+        return self._add_row_outputs(out, x, rows)
+
     def _add_row_outputs(self, out: Tensor, x: Tensor, rows: RowAdapters) -> Tensor:
         """Each row gets its own adapter's output. This general version runs each adapter on its rows; layer
         kinds with a batched path (Linear, Embedding) override it."""
