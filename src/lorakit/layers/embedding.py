@@ -37,12 +37,10 @@ class Embedding(LoraLayer):
         return (modules["lora_embedding_A"]._parameters[adapter_name],
                 modules["lora_embedding_B"]._parameters[adapter_name])
 
-    def _row_tables(self) -> tuple:
+    def _watched(self, present) -> bool:
         modules = self._modules
-        return modules["lora_embedding_A"]._parameters, modules["lora_embedding_B"]._parameters
-
-    def _tables_watched(self, tables: tuple, present) -> bool:
-        return all(type(table) is WatchedTable for table in tables)
+        return self._own_tables_watched() and all(
+            type(modules[name]._parameters) is WatchedTable for name in ("lora_embedding_A", "lora_embedding_B"))
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
         """Reversed roles (PEFT, for True and "gaussian" alike): A starts at zero and B normal, so the looked-up

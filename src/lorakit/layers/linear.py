@@ -142,14 +142,10 @@ class Linear(LoraLayer):
         return torch.stack([zero] + [zero if b is None else (b * self.scaling[n]).to(dtype)
                                      for n, b in zip(names, biases)])
 
-    def _row_tables(self) -> tuple:
-        modules = self._modules
-        return modules["lora_A"]._modules, modules["lora_B"]._modules
-
-    def _tables_watched(self, tables: tuple, present: Sequence[str]) -> bool:
-        A, B = tables
+    def _watched(self, present: Sequence[str]) -> bool:
+        A, B = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
         factors = chain(map(A.__getitem__, present), map(B.__getitem__, present))
-        return type(A) is WatchedTable and type(B) is WatchedTable and all(
+        return self._own_tables_watched() and type(A) is WatchedTable and type(B) is WatchedTable and all(
             type(m._parameters) is WatchedTable for m in factors)
 
     def _add_row_outputs(self, out: Tensor, x: Tensor, rows: RowAdapters) -> Tensor:

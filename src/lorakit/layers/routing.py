@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .rows import RowAdapters, StackCache, note_table_write
+from .rows import RowAdapters, StackCache, WatchedTable, note_table_write
 
 __all__ = ["RowRouting"]
 
@@ -56,7 +56,7 @@ class RowRouting:
         """
         grad = torch.is_grad_enabled() or torch.compiler.is_compiling()  # a compiled graph builds its own stacks
         cache = self._stack_cache
-        if not grad and cache is not None and cache.current(names, self.scaling, self._row_tables(), self._row_tensors):
+        if not grad and cache is not None and cache.current(names, self.scaling, self._row_tensors):
             return cache.stacks
         present = [n for n in names if n in self.r]
         tensors = self._row_tensors(present)
@@ -77,9 +77,7 @@ class RowRouting:
                 Bs.append(F.pad(B, (0, r_max - B.shape[1])) * self.scaling[name])
         stacks = torch.stack(As), torch.stack(Bs), self._stack_extra(names)
         if not grad:
-            tables = self._row_tables()
-            self._stack_cache = StackCache(names, present, scalings, tensors, stacks,
-                                           tables if self._tables_watched(tables, present) else None)
+            self._stack_cache = StackCache(names, present, self.scaling, tensors, stacks, self._watched(present))
         return stacks
 
     def _factor_list(self, names: Sequence[str]) -> list[Tensor]:
@@ -96,14 +94,14 @@ class RowRouting:
         """A further per-adapter stack built with the factors (slot 0 first), or ``None``."""
         return None
 
-    def _row_tables(self) -> tuple:
-        """The tables this layer reads its factors from (compared by identity at every step)."""
-        return ()
-
-    def _tables_watched(self, tables: tuple, present: Sequence[str]) -> bool:
-        """Whether every table the factors of ``present`` are read through is a
-        :class:`~lorakit.layers.rows.WatchedTable`, so that a replaced factor shows as a counted write."""
+    def _watched(self, present: Sequence[str]) -> bool:
+        """Whether replacing any factor of ``present`` or any scaling writes a
+        :class:`~lorakit.layers.rows.WatchedTable`: this layer's own tables and scalings, and (per layer kind) every
+        table its factors are read through. The default: not known, re-read the factors at every step."""
         return False
+
+    def _own_tables_watched(self) -> bool:
+        return type(self._modules) is WatchedTable and type(self.scaling) is WatchedTable
 
     def _apply(self, fn, recurse: bool = True):
         """``Module._apply`` (``.to()``, ``.half()``, ``.cuda()``) may give the factors new data through ``.data``,

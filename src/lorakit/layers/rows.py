@@ -195,44 +195,46 @@ class StackCache:
     the tensors keeps their ids from being reused). Scalings held as tensors (prepared for compiled hotswap) are
     compared the same way: a hotswap writes them in place.
 
-    Whether they are the same objects is the costly part to ask at every step (a mixed batch of 32 adapters
-    holds 64 factor tensors per layer, and with the interpreter's data out of cache after every layer's weights
-    streamed through, re-reading each from its module costs about a microsecond). Where every table the factors
-    are read from is a :class:`WatchedTable` (``watched``), no write to any of them since the stacks were built
-    means no factor was replaced: one integer compared, plus the identity of the tables themselves (``tables``).
-    Otherwise the factors are re-read (``reread``). ``extra`` is whatever else a layer kind stacks alongside
-    (a Linear's ``lora_bias`` terms), built from the same tensors.
+    Checked at every step, so the check must touch few objects: a mixed batch of 32 adapters holds 64 factor
+    tensors per layer, and with the interpreter's data out of cache after every layer's weights streamed through,
+    each object touched costs a cache miss (re-reading each factor from its module cost about a microsecond).
+    Where the scalings and every table the factors are read through are :class:`WatchedTable` (``watched``), no
+    write to any watched table since the last check means no factor or scaling was replaced: one integer compared.
+    The version counters are still read at every step (nothing else sees an in-place write), through aliases that
+    lie together in memory. Otherwise, or after any counted write, the factors and scalings are re-read and
+    compared (``reread``).
     """
 
-    def __init__(self, names: Sequence[str], present: list, scalings: list, tensors: list,
-                 stacks: tuple, tables: Optional[tuple]) -> None:
-        self.names, self.present, self.scalings, self.tensors, self.stacks = (
-            tuple(names), present, scalings, tensors, stacks)
-        self.tables = tables  # None: some table is not watched, the factors are re-read at every check
+    def __init__(self, names: Sequence[str], present: list, scaling: dict, tensors: list, stacks: tuple,
+                 watched: bool) -> None:
+        self.names, self.present, self.tensors, self.stacks, self.watched = (
+            tuple(names), present, tensors, stacks, watched)
+        self.scaling_table = scaling
+        self.scalings = list(map(scaling.get, self.names))
         self.writes = _TABLE_WRITES[0]
         # Versions are read through aliases made here (``detach()`` shares the tensor's version counter): their
-        # Python and tensor objects lie together in memory, the factors' own are scattered over the heap, and
-        # each cold object costs a cache miss. About half the time of reading the factors' counters directly.
+        # Python and tensor objects lie together in memory, the factors' own are scattered over the heap. About
+        # half the time of reading the factors' counters directly.
         self.aliases = [t.detach() for t in tensors]
         self.versions = list(map(_version, self.aliases))
-        self.scaling_aliases = [s.detach() for s in scalings if isinstance(s, Tensor)]
+        self.scaling_aliases = [s.detach() for s in self.scalings if isinstance(s, Tensor)]
         self.scaling_versions = list(map(_version, self.scaling_aliases))
 
-    def current(self, names: Sequence[str], scaling: dict, tables: tuple, reread) -> bool:
-        """Whether the stacks are still those of ``names`` with the layer's ``scaling`` table, factor ``tables``
-        (the layer's, as now) and factors. ``reread(present)`` lists the factors as now (only called when the tables are
-        not watched, or were written)."""
+    def current(self, names: Sequence[str], scaling: dict, reread) -> bool:
+        """Whether the stacks are still those of ``names`` with the layer's ``scaling`` table and its factors as
+        ``reread(present)`` lists them now (called only when not watched or after a counted write)."""
         if not (
             self.names == names
-            and list(map(scaling.get, self.names)) == self.scalings
-            and list(map(_version, self.scaling_aliases)) == self.scaling_versions
+            and scaling is self.scaling_table
             and list(map(_version, self.aliases)) == self.versions
+            and list(map(_version, self.scaling_aliases)) == self.scaling_versions
         ):
             return False
-        if self.tables is not None and self.writes == _TABLE_WRITES[0] and all(map(operator.is_, self.tables, tables)):
+        if self.watched and self.writes == _TABLE_WRITES[0]:
             return True
         tensors = reread(self.present)
-        if tensors is None or len(tensors) != len(self.tensors) or not all(map(operator.is_, self.tensors, tensors)):
+        if (tensors is None or len(tensors) != len(self.tensors) or not all(map(operator.is_, self.tensors, tensors))
+                or list(map(scaling.get, self.names)) != self.scalings):
             return False
-        self.writes = _TABLE_WRITES[0]  # the same objects: no need to re-read them until the next write
+        self.writes = _TABLE_WRITES[0]  # all the same: no need to re-read them until the next counted write
         return True
