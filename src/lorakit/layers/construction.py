@@ -16,7 +16,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .rows import WatchedTable, note_table_write
+from .rows import WatchedTable, note_data_swap
 
 __all__ = ["init_module", "new_module", "add_child", "replace_child", "Factor"]
 
@@ -122,8 +122,8 @@ class Factor(nn.Linear):
         vars(self)["_parameters"] = WatchedTable(weight=weight, bias=None)
 
     def _apply(self, fn, recurse: bool = True):
-        """``Module._apply`` may swap the weight's data through ``.data``: counted as a table write (see
-        :class:`~lorakit.layers.rows.WatchedTable`)."""
+        """``Module._apply`` may swap the weight's data through ``.data``, which no stack cache would see
+        otherwise (see :func:`~lorakit.layers.rows.note_data_swap`)."""
         result = super()._apply(fn, recurse)
-        note_table_write()
+        note_data_swap()
         return result

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .rows import RowAdapters, StackCache, WatchedTable, note_table_write
+from .rows import RowAdapters, StackCache, WatchedTable, note_data_swap
 
 __all__ = ["RowRouting"]
 
@@ -105,7 +105,7 @@ class RowRouting:
 
     def _apply(self, fn, recurse: bool = True):
         """``Module._apply`` (``.to()``, ``.half()``, ``.cuda()``) may give the factors new data through ``.data``,
-        which neither a table write nor a version counter shows: count it as a write."""
+        which neither a table write nor a version counter shows: every stack cache is rebuilt."""
         result = super()._apply(fn, recurse)
-        note_table_write()
+        note_data_swap()
         return result

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RowAdapters", "RowGroups", "StackCache", "WatchedTable", "note_table_write", "table_writes",
+__all__ = ["RowAdapters", "RowGroups", "StackCache", "WatchedTable", "note_data_swap", "table_writes",
            "watched"]
 
 
@@ -120,6 +120,7 @@ _version = operator.attrgetter("_version")
 #: how many writes :class:`WatchedTable` tables have seen, process-wide (a stack cache built at one count is
 #: checked at the next step by comparing one integer instead of re-reading every factor)
 _TABLE_WRITES = [0]
+_DATA_SWAPS = [0]  # see note_data_swap
 
 
 def table_writes() -> int:
@@ -127,10 +128,10 @@ def table_writes() -> int:
     return _TABLE_WRITES[0]
 
 
-def note_table_write() -> None:
-    """Count a change that replaces factor tensors without writing a watched table (``Module._apply`` swapping
-    ``.data`` under ``.to()``/``.half()``)."""
-    _TABLE_WRITES[0] += 1
+def note_data_swap() -> None:
+    """Count a change that gives factors new data without a table write or a version bump (``Module._apply``
+    sets ``.data`` under ``.to()``/``.half()``): every stack cache is rebuilt at its next check."""
+    _DATA_SWAPS[0] += 1
 
 
 class WatchedTable(dict):
@@ -187,6 +188,11 @@ def watched(module: nn.Module) -> nn.Module:
     return module
 
 
+def _no_cache() -> None:
+    """What a pickled :class:`StackCache` loads as: nothing (see ``StackCache.__deepcopy__``)."""
+    return None
+
+
 class StackCache:
     """A layer's stacked factors for one list of adapter names, with what they were built from.
 
@@ -211,7 +217,7 @@ class StackCache:
             tuple(names), present, tensors, stacks, watched)
         self.scaling_table = scaling
         self.scalings = list(map(scaling.get, self.names))
-        self.writes = _TABLE_WRITES[0]
+        self.writes, self.swaps = _TABLE_WRITES[0], _DATA_SWAPS[0]
         # Versions are read through aliases made here (``detach()`` shares the tensor's version counter): their
         # Python and tensor objects lie together in memory, the factors' own are scattered over the heap. About
         # half the time of reading the factors' counters directly.
@@ -220,12 +226,20 @@ class StackCache:
         self.scaling_aliases = [s.detach() for s in self.scalings if isinstance(s, Tensor)]
         self.scaling_versions = list(map(_version, self.scaling_aliases))
 
+    def __deepcopy__(self, memo: dict) -> None:
+        """A copy of the layer starts without stacks: the aliases would not share the copied factors' counters."""
+        return None
+
+    def __reduce__(self):
+        return _no_cache, ()
+
     def current(self, names: Sequence[str], scaling: dict, reread) -> bool:
         """Whether the stacks are still those of ``names`` with the layer's ``scaling`` table and its factors as
         ``reread(present)`` lists them now (called only when not watched or after a counted write)."""
         if not (
             self.names == names
             and scaling is self.scaling_table
+            and self.swaps == _DATA_SWAPS[0]
             and list(map(_version, self.aliases)) == self.versions
             and list(map(_version, self.scaling_aliases)) == self.scaling_versions
         ):
