@@ -22,8 +22,11 @@ class RowRouting:
     """The mixed-batch part of an adapted layer (see the module docstring)."""
 
     def set_row_adapters(self, rows: Optional[RowAdapters]) -> None:
-        """Route batch rows to adapters (:mod:`lorakit.mixed_batch` sets this for one call, then ``None``)."""
-        self._rows = rows
+        """Route batch rows to adapters (:mod:`lorakit.mixed_batch` sets this for one call, then ``None``).
+
+        A plain attribute written into the instance dict: ``Module.__setattr__`` is Python code that checks the value
+        against parameters and modules, twice per adapted layer per mixed-batch call."""
+        vars(self)["_rows"] = rows
 
     def _routed(self, out: Tensor, x: Tensor, rows: RowAdapters) -> Tensor:
         """The base layer's output ``out`` plus each row's own adapter's output (the forward of a mixed batch)."""

@@ -81,8 +81,11 @@ class RowAdapters:
     @classmethod
     def from_names(cls, adapter_names: Sequence[str], base: str, device: torch.device,
                    copies: bool = False) -> "RowAdapters":
-        names = tuple(dict.fromkeys(n for n in adapter_names if n != base))
-        slots = tuple(0 if n == base else names.index(n) + 1 for n in adapter_names)
+        slot_of = {base: 0}
+        for n in adapter_names:
+            slot_of.setdefault(n, len(slot_of))  # distinct adapters numbered 1, 2, … in order of first use
+        names = tuple(n for n in slot_of if n != base)
+        slots = tuple(map(slot_of.__getitem__, adapter_names))
         index = torch.tensor(slots, device=device)
         return cls(names, index, in_order=list(adapter_names) == list(names), copies=copies, slots=slots)
 
