@@ -65,13 +65,14 @@ class Embedding(LoraLayer):
     def _add_row_outputs(self, out: Tensor, x: Tensor, rows: RowAdapters) -> Tensor:
         """One lookup in all adapters' A tables laid end to end, then batched matmuls with B, grouped by adapter."""
         index = rows.for_batch(x.shape[0])
-        A_stack, B_stack, _ = self._stacked_factors(rows.names)  # (K+1, r, num), (K+1, dim, r)
+        stacks = self._stacked_factors(rows.names)
+        A_stack, B_stack = stacks.A, stacks.B  # (K+1, r, num), (K+1, dim, r)
         tables = A_stack.transpose(1, 2).reshape(-1, A_stack.shape[1])  # ((K+1)·num, r)
         offset = (index * self.in_features).view(-1, *([1] * (x.dim() - 1)))
         h = F.embedding(x + offset, tables)
         n = x.shape[0]
         if rows.in_order and n == len(rows.names):  # row i runs adapter i: B's stack as it is
-            y = torch.bmm(h.reshape(n, -1, h.shape[-1]), B_stack[1:].transpose(1, 2))
+            y = torch.bmm(h.reshape(n, -1, h.shape[-1]), stacks.B_rows_t)
             return out + y.view(out.shape).to(out.dtype)
         groups = rows.groups(n)  # rows grouped by adapter, base rows left out
         if groups is None:

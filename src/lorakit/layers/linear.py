@@ -150,9 +150,9 @@ class Linear(LoraLayer):
 
     def _add_row_outputs(self, out: Tensor, x: Tensor, rows: RowAdapters) -> Tensor:
         index = rows.for_batch(x.shape[0])
-        A_stack, B_stack, bias = self._stacked_factors(rows.names)
-        if x.dtype != A_stack.dtype:
-            x = x.to(A_stack.dtype)
+        stacks = self._stacked_factors(rows.names)
+        if x.dtype != stacks.A.dtype:
+            x = x.to(stacks.A.dtype)
         if self.training:
             p = x.new_tensor([0.0] + [self.dropout_p.get(n, 0.0) for n in rows.names])[index]
             if p.any():
@@ -160,11 +160,11 @@ class Linear(LoraLayer):
                 x = x * torch.bernoulli((1 - p).expand_as(x)) / (1 - p)
         n = x.shape[0]
         if rows.in_order and n == len(rows.names):  # row i runs adapter i: the stacks as they are
-            out = add_lora_rows(out, x, A_stack[1:], B_stack[1:])
+            out = add_lora_rows(out, x, stacks.A_rows_t, stacks.B_rows_t)
         elif (groups := rows.groups(n)) is not None:  # rows grouped by adapter, base rows left out
-            out = add_lora_groups(out, x, groups.take, groups.dest, groups.src, A_stack[groups.slots],
-                                  B_stack[groups.slots])
-        if bias is None:
+            out = add_lora_groups(out, x, groups.take, groups.dest, groups.src, stacks.A[groups.slots],
+                                  stacks.B[groups.slots])
+        if stacks.extra is None:
             return out
-        per_row = rows.rows_of(bias, n).to(out.dtype)  # lora_bias adapters: each row adds its adapter's s·b
+        per_row = rows.rows_of(stacks.extra, n).to(out.dtype)  # lora_bias adapters: each row adds its adapter's s·b
         return out + per_row.view(per_row.shape[0], *([1] * (out.dim() - 2)), out.shape[-1])

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .rows import RowAdapters, StackCache, WatchedTable, note_data_swap
+from .rows import RowAdapters, StackCache, Stacks, WatchedTable, note_data_swap
 
 __all__ = ["RowRouting"]
 
@@ -50,10 +50,11 @@ class RowRouting:
                 out = out.index_copy(0, picked, self._adapter_output(out[picked], x[picked], name))
         return out
 
-    def _stacked_factors(self, names: Sequence[str]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    def _stacked_factors(self, names: Sequence[str]) -> Stacks:
         """``A`` of every adapter in ``names`` as ``(K+1, r_max, in)`` and ``scaling·B`` as ``(K+1, out, r_max)``;
-        slot 0 (the base model) and adapters this layer lacks are zeros, smaller ranks are zero-padded. Third, what
-        the layer kind stacks beside them (:meth:`_stack_extra`), or ``None``.
+        slot 0 (the base model) and adapters this layer lacks are zeros, smaller ranks are zero-padded; what the
+        layer kind stacks beside them (:meth:`_stack_extra`), and the views an in-order batch multiplies with
+        (:class:`~lorakit.layers.rows.Stacks`).
 
         Cached while no gradient is recorded (see :class:`~lorakit.layers.rows.StackCache`).
         """
@@ -78,7 +79,9 @@ class RowRouting:
                 A, B = pairs[name]
                 As.append(F.pad(A, (0, 0, 0, r_max - A.shape[0])))
                 Bs.append(F.pad(B, (0, r_max - B.shape[1])) * self.scaling[name])
-        stacks = torch.stack(As), torch.stack(Bs), self._stack_extra(names)
+        A_stack, B_stack = torch.stack(As), torch.stack(Bs)
+        stacks = Stacks(A_stack, B_stack, self._stack_extra(names), A_stack[1:].transpose(1, 2),
+                        B_stack[1:].transpose(1, 2))
         if not grad:
             self._stack_cache = StackCache(names, present, self.scaling, tensors, stacks, self._watched(present))
         return stacks

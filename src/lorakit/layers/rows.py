@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RowAdapters", "RowGroups", "StackCache", "WatchedTable", "note_data_swap", "table_writes",
+__all__ = ["RowAdapters", "RowGroups", "StackCache", "Stacks", "WatchedTable", "note_data_swap", "table_writes",
            "watched"]
+
+
+class Stacks(NamedTuple):
+    """A layer's factors stacked over a batch's adapters (:meth:`lorakit.layers.LoraLayer._stacked_factors`)."""
+
+    A: Tensor  #: ``(K+1, r, in)``, slot 0 (the base model) zeros
+    B: Tensor  #: ``scaling·B``, ``(K+1, out, r)``
+    extra: Optional[Tensor]  #: what the layer kind stacks beside them (a Linear's ``lora_bias`` terms), or None
+    A_rows_t: Tensor  #: ``A[1:]`` transposed, ``(K, in, r)``: row ``i`` of an in-order batch runs slot ``i+1``
+    B_rows_t: Tensor  #: ``B[1:]`` transposed, ``(K, r, out)``
 
 
 @dataclass(frozen=True)
