@@ -132,6 +132,20 @@ def test_set_scale_rescale_and_scaling_dict_writes_are_seen(names):
     check(layer, names)
 
 
+def test_tensor_scalings_replaced_by_equal_ones_are_followed(names):
+    """A scaling replaced by a new tensor of the same value: the stacks are still right, but the next in-place
+    write (a compiled hotswap) goes to the new tensor, whose counter must be the one read."""
+    layer = cached(names)
+    layer.scaling["b"] = torch.tensor(layer.scaling["b"], dtype=torch.float64)
+    check(layer, names)
+    new = layer.scaling["b"].clone()
+    layer.scaling["b"] = new
+    check(layer, names)
+    with torch.no_grad():
+        new.mul_(-2)
+    check(layer, names)
+
+
 def test_replaced_factors_are_seen_by_every_route(names):
     layer = cached(names)
     layer.lora_B["b"].weight = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))  # register_parameter

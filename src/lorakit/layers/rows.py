@@ -261,7 +261,7 @@ class StackCache:
             return True
         tensors = reread(self.present)
         if (tensors is None or len(tensors) != len(self.tensors) or not all(map(operator.is_, self.tensors, tensors))
-                or list(map(scaling.get, self.names)) != self.scalings):
-            return False
+                or not all(map(operator.is_, map(scaling.get, self.names), self.scalings))):
+            return False  # a scaling set again, even to an equal value, may be a new tensor to follow: rebuild
         self.writes = _TABLE_WRITES[0]  # all the same: no need to re-read them until the next counted write
         return True
