@@ -97,10 +97,8 @@ def test_in_place_write_by_hand_is_seen(names):
 
 def test_optimizer_step_and_training_gradients_reach_each_adapter(names):
     layer = cached(names)
-    for p in layer.parameters():
-        p.requires_grad_("lora_" in str(p.shape) or True)
-    layer.base_layer.requires_grad_(False)
-    params = [p for n, p in layer.named_parameters() if "lora_" in n]
+    layer.requires_grad_(False)
+    params = [p.requires_grad_() for n, p in layer.named_parameters() if "lora_" in n]
     opt = torch.optim.Adam(params, lr=0.1)
     x = torch.randn(len(names), 2, 6, dtype=torch.float64)
     layer.set_row_adapters(RowAdapters.from_names(names, "__base__", torch.device("cpu")))
@@ -276,3 +274,50 @@ def test_embedding_tables_replaced_and_updated():
     with torch.no_grad():
         layer.lora_embedding_A["a"].zero_()
     check_embedding()
+
+
+def test_whole_model_after_weights_hotswap_and_state_dict_loads(tmp_path):
+    """End to end on a Llama: every change between two mixed batches of a PeftModel is seen (row by row against
+    per-adapter runs)."""
+    from conftest import tiny_llama, token_ids
+    from lorakit import LoraConfig, get_peft_model
+    from lorakit.functional import get_peft_model_state_dict, set_peft_model_state_dict
+    from lorakit.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    torch.manual_seed(1)
+    model = get_peft_model(tiny_llama(), LoraConfig(**config))
+    model.add_adapter("b", LoraConfig(**config))
+    torch.manual_seed(2)
+    donor = get_peft_model(tiny_llama(), LoraConfig(**{**config, "r": 2}))
+    donor.save_pretrained(tmp_path)
+    prepare_model_for_compiled_hotswap(model, target_rank=4)  # tensor scalings, ranks padded to 4
+    rows = ["b", "default", "__base__", "b"]
+    ids = token_ids(n=len(rows))
+
+    def check_model():
+        with torch.no_grad():
+            mixed_logits = model(input_ids=ids, adapter_names=rows).logits
+            expected = []
+            for i, name in enumerate(rows):
+                if name == "__base__":
+                    with model.disable_adapter():
+                        expected.append(model(input_ids=ids[i:i + 1]).logits)
+                else:
+                    model.set_adapter(name)
+                    expected.append(model(input_ids=ids[i:i + 1]).logits)
+        model.set_adapter("default")
+        torch.testing.assert_close(mixed_logits, torch.cat(expected), atol=1e-5, rtol=0)
+        return mixed_logits
+
+    first = check_model()
+    check_model()  # served from the caches
+    model.set_adapter(["default", "b"], weights=[1.0, -0.5])  # weighted adapters: tensor scalings written in place
+    model.set_adapter("default")
+    check_model()
+    hotswap_adapter(model, tmp_path, "b")  # factors copied in place, scalings filled in place
+    swapped = check_model()
+    assert not torch.allclose(swapped, first)
+    state = get_peft_model_state_dict(model, adapter_name="b")
+    set_peft_model_state_dict(model, {k: torch.randn_like(v) * 0.1 for k, v in state.items()}, adapter_name="b")
+    check_model()
