@@ -187,6 +187,10 @@ def test_functional_call_and_parametrization_are_seen(names):
 
     parametrize.register_parametrization(layer.lora_B["a"], "weight", Tripled())
     check(layer, names)
+    check(layer, names)
+    with torch.no_grad():  # the tensor behind the parametrization, updated in place
+        layer.lora_B["a"].parametrizations.weight.original.mul_(-2)
+    check(layer, names)
     parametrize.remove_parametrizations(layer.lora_B["a"], "weight")
     check(layer, names)
 

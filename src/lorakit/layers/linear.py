@@ -143,10 +143,12 @@ class Linear(LoraLayer):
                                      for n, b in zip(names, biases)])
 
     def _watched(self, present: Sequence[str]) -> bool:
+        """Watched where every factor module's weight is a parameter registered in a watched table (a
+        parametrized weight is computed from other tensors at every read: not watched)."""
         A, B = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
         factors = chain(map(A.__getitem__, present), map(B.__getitem__, present))
         return self._own_tables_watched() and type(A) is WatchedTable and type(B) is WatchedTable and all(
-            type(m._parameters) is WatchedTable for m in factors)
+            type(m._parameters) is WatchedTable and "weight" in m._parameters for m in factors)
 
     def _add_row_outputs(self, out: Tensor, x: Tensor, rows: RowAdapters) -> Tensor:
         index = rows.for_batch(x.shape[0])
@@ -166,5 +168,5 @@ class Linear(LoraLayer):
                                   stacks.B[groups.slots])
         if stacks.extra is None:
             return out
-        per_row = rows.rows_of(stacks.extra, n).to(out.dtype)  # lora_bias adapters: each row adds its adapter's s·b
+        per_row = rows.rows_of(stacks.extra, n).to(out.dtype)  # lora_bias: each row adds its adapter's s·b
         return out + per_row.view(per_row.shape[0], *([1] * (out.dim() - 2)), out.shape[-1])
