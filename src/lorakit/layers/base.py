@@ -53,7 +53,7 @@ class LoraLayer(DoraMixin, AdapterScales, RowRouting, nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         init_module(self)
-        watched(self)  # its tables, lora_A/lora_B's and the scalings count their writes (see StackCache)
+        watched(self)  # its children table, lora_A/lora_B's and the scalings count their writes (see StackCache)
         # Written straight into the module's tables: the names are new here, so Module.__setattr__'s checks
         # (~3 µs a field, more than the rest of building the layer) would find nothing to do.
         self._modules.update(

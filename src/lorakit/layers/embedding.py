@@ -25,8 +25,8 @@ class Embedding(LoraLayer):
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
         # new names, written into the tables as LoraLayer.__init__ does (see lorakit.layers.construction)
-        self._modules.update(lora_embedding_A=watched(nn.ParameterDict()),
-                             lora_embedding_B=watched(nn.ParameterDict()))
+        self._modules.update(lora_embedding_A=watched(nn.ParameterDict(), "_parameters"),
+                             lora_embedding_B=watched(nn.ParameterDict(), "_parameters"))
         vars(self).update(in_features=base_layer.num_embeddings, out_features=base_layer.embedding_dim)
 
     def _create_factors(self, adapter_name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:

@@ -193,11 +193,10 @@ class WatchedTable(dict):
         return dict.setdefault(self, key, default)
 
 
-def watched(module: nn.Module) -> nn.Module:
-    """``module`` with its ``_parameters`` and ``_modules`` tables made :class:`WatchedTable` (same contents)."""
+def watched(module: nn.Module, table: str = "_modules") -> nn.Module:
+    """``module`` with its ``table`` (``_modules`` or ``_parameters``) made a :class:`WatchedTable` (same contents)."""
     state = vars(module)
-    for key in ("_parameters", "_modules"):
-        state[key] = WatchedTable(state[key])
+    state[table] = WatchedTable(state[table])
     return module
 
 
