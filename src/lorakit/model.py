@@ -28,7 +28,7 @@ from .modules_to_save import ModulesToSaveWrapper
 from .targeting import modules_to_save_names, select_parameters, select_targets, unadapted_expert_parameters
 from .trainability import DisabledGrads, check_bias_owner, mark_trainable
 from .trainable_tokens import TrainableTokensWrapper, inject_tokens
-from .walk import base_of, head_names, merged_names, parent_and_child, shared_parameters, walk
+from .walk import base_of, head_names, merged_names, parent_and_child, shared_parameters, walk, walk_modules
 
 __all__ = ["LoraModel"]
 
@@ -99,7 +99,7 @@ class LoraModel(nn.Module):
 
     def adapter_modules(self) -> Iterator[nn.Module]:
         """Every adapted layer and modules_to_save wrapper, in model order."""
-        for _, module in walk(self.model):
+        for module in walk_modules(self.model):
             if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
                 yield module
 

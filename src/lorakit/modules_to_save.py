@@ -26,8 +26,9 @@ class ModulesToSaveWrapper(nn.Module):
         self.update(adapter_name)
 
     def set_row_adapters(self, rows) -> None:
-        """Route batch rows to adapters' copies (a :class:`lorakit.layers.RowAdapters`, or ``None``)."""
-        self._rows = rows
+        """Route batch rows to adapters' copies (a :class:`lorakit.layers.RowAdapters`, or ``None``); a plain
+        attribute, written without ``Module.__setattr__``'s checks (see ``LoraLayer.set_row_adapters``)."""
+        vars(self)["_rows"] = rows
 
     def update(self, adapter_name: str, trainable: bool = True) -> None:
         """Give ``adapter_name`` its own copy of the original module (trainable or frozen)."""

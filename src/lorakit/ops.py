@@ -182,15 +182,16 @@ def add_dropped_lora(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: floa
     return _DroppedLora.apply(out, x, A, B, scaling, p)
 
 
-def add_lora_rows(out: Tensor, h_in: Tensor, A_rows: Tensor, B_rows: Tensor) -> Tensor:
+def add_lora_rows(out: Tensor, h_in: Tensor, A_rows_t: Tensor, B_rows_t: Tensor) -> Tensor:
     """``out[n] += h_in[n] @ A_rows[n].T @ B_rows[n].T`` for every batch row ``n`` (scaling folded into B_rows).
 
-    ``h_in`` is ``(N, …, in)``, ``A_rows`` ``(N, r, in)``, ``B_rows`` ``(N, out, r)``; two ``bmm`` calls in all.
+    ``h_in`` is ``(N, …, in)``; the factors come transposed (views of the stacks, made once with them):
+    ``A_rows_t`` ``(N, in, r)``, ``B_rows_t`` ``(N, r, out)``. Two ``bmm`` calls in all.
     """
     n = h_in.shape[0]
-    h = torch.bmm(h_in.reshape(n, -1, h_in.shape[-1]), A_rows.transpose(1, 2))
-    y = torch.bmm(h, B_rows.transpose(1, 2))
-    return out + y.view(out.shape).to(out.dtype)
+    h = torch.bmm(h_in.reshape(n, -1, h_in.shape[-1]), A_rows_t)
+    y = torch.bmm(h, B_rows_t).view(out.shape)
+    return out + (y if y.dtype == out.dtype else y.to(out.dtype))
 
 
 def add_lora_groups(out: Tensor, h_in: Tensor, take: Tensor, dest: Tensor, src: Tensor | None,

@@ -15,6 +15,7 @@ from .modules_to_save import ModulesToSaveWrapper
 
 __all__ = [
     "walk",
+    "walk_modules",
     "leaf_parameters",
     "parent_and_child",
     "base_of",
@@ -41,6 +42,23 @@ def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]
             stack.extend(reversed(children))
         elif isinstance(m, LoraLayer) and isinstance(m._modules["base_layer"], LoraLayer):
             stack.append((f"{name}.base_layer", m._modules["base_layer"]))  # nested wrappers (target_parameters)
+
+
+def walk_modules(module: nn.Module) -> Iterator[nn.Module]:
+    """:func:`walk` without the names (building a dotted name per module costs more than the rest of the walk:
+    a mixed batch walks the model at every call)."""
+    seen = set()
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        yield m
+        if not isinstance(m, (LoraLayer, ModulesToSaveWrapper)):
+            stack.extend(reversed([c for c in m._modules.values() if c is not None]))
+        elif isinstance(m, LoraLayer) and isinstance(m._modules["base_layer"], LoraLayer):
+            stack.append(m._modules["base_layer"])  # nested wrappers (target_parameters)
 
 
 def leaf_parameters(module: nn.Module, prefix: str) -> Iterable[tuple[str, nn.Parameter]]:

@@ -19,6 +19,7 @@ from .construction import add_child, init_module, new_module
 from .dora import DoraMixin
 from .init import check_base_rewrite, restore_base
 from .routing import RowRouting
+from .rows import WatchedTable, watched
 from .scales import AdapterScales
 
 __all__ = ["LoraLayer", "factor_weight"]
@@ -52,18 +53,19 @@ class LoraLayer(DoraMixin, AdapterScales, RowRouting, nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         init_module(self)
+        watched(self)  # its children table, lora_A/lora_B's and the scalings count their writes (see StackCache)
         # Written straight into the module's tables: the names are new here, so Module.__setattr__'s checks
         # (~3 µs a field, more than the rest of building the layer) would find nothing to do.
         self._modules.update(
             base_layer=base_layer,
-            lora_A=new_module(nn.ModuleDict),
-            lora_B=new_module(nn.ModuleDict),
+            lora_A=watched(new_module(nn.ModuleDict)),
+            lora_B=watched(new_module(nn.ModuleDict)),
             lora_dropout=new_module(nn.ModuleDict),
             lora_magnitude_vector=new_module(nn.ModuleDict),  # DoRA adapters only
         )
         vars(self).update(
             training=base_layer.training,  # new parts follow the mode of the layer they adapt
-            r={}, lora_alpha={}, scaling={}, use_rslora={}, dropout_p={},  # per adapter name
+            r={}, lora_alpha={}, scaling=WatchedTable(), use_rslora={}, dropout_p={},  # per adapter name
             active_adapters=[],
             merged_adapters=[],
             disable_adapters=False,
@@ -197,13 +199,7 @@ class LoraLayer(DoraMixin, AdapterScales, RowRouting, nn.Module):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self._modules["base_layer"](x, *args, **kwargs)  # not self.base_layer: a Python-level lookup
         if self._rows is not None:
-            rows = self._rows
-            rows.for_batch(x.shape[0])  # every layer checks the rows it receives, even where it adds nothing
-            if self.disable_adapters or not any(n in self.r for n in rows.names):
-                return out
-            if any(n in self.lora_magnitude_vector._modules for n in rows.names):  # DoRA rows: adapter by adapter
-                return LoraLayer._add_row_outputs(self, out, x, rows)
-            return self._add_row_outputs(out, x, rows)
+            return self._routed(out, x, self._rows)
         if self._dora_live:
             for name in self._live:
                 out = self._adapter_output(out, x, name)

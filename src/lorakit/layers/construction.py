@@ -16,6 +16,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .rows import WatchedTable, note_data_swap
+
 __all__ = ["init_module", "new_module", "add_child", "replace_child", "Factor"]
 
 try:  # the hooks Module.add_module calls for every child (none unless a program registered one)
@@ -115,4 +117,13 @@ class Factor(nn.Linear):
         init_module(self)
         vars(self).update(in_features=in_features, out_features=out_features)
         weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
-        self._parameters.update(weight=weight, bias=None)  # new names: see LoraLayer.__init__
+        # new names, written straight into the table (see LoraLayer.__init__); a watched table, so that replacing
+        # the weight later shows to a mixed batch's stack cache (lorakit.layers.rows.StackCache)
+        vars(self)["_parameters"] = WatchedTable(weight=weight, bias=None)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``Module._apply`` may swap the weight's data through ``.data``, which no stack cache would see
+        otherwise (see :func:`~lorakit.layers.rows.note_data_swap`)."""
+        result = super()._apply(fn, recurse)
+        note_data_swap()
+        return result

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from itertools import chain
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from ..ops import add_dropped_lora, add_lora, add_lora_groups, add_lora_rows
 from .base import LoraLayer
 from .construction import Factor, add_child
 from .init import initialize
-from .rows import RowAdapters
+from .rows import RowAdapters, WatchedTable
 
 try:  # the global hooks that Module.__call__ checks (see Linear.forward)
     from torch.nn.modules.module import (
@@ -71,10 +73,11 @@ class Linear(LoraLayer):
             super().reset_lora_parameters(adapter_name, init_lora_weights)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """:meth:`LoraLayer.forward`, calling the base layer as ``F.linear`` where that is exactly what calling it
-        would do: a stock ``nn.Linear`` (not a subclass: quantized and parametrized layers have their own forward)
-        with no hooks of its own or global ones, no ``forward`` patched onto the instance or the class (accelerate's
-        offloading patches the instance) and its tensors registered as parameters (FSDP swaps in plain tensors).
+        """:meth:`LoraLayer.forward` (mixed batches too), calling the base layer as ``F.linear`` where that is exactly
+        what calling it would do: a stock ``nn.Linear`` (not a subclass: quantized and parametrized layers have their
+        own forward) with no hooks of its own or global ones, no ``forward`` patched onto the instance or the class
+        (accelerate's offloading patches the instance) and its tensors registered as parameters (FSDP swaps in plain
+        tensors).
 
         At batch-1 decode ``Module.__call__`` costs as much as a LoRA matmul, and so does every further Python call
         per layer (the interpreter's code and data are out of cache after each layer's weights stream through), so
@@ -90,7 +93,7 @@ class Linear(LoraLayer):
         base = self._modules["base_layer"]
         params = base._parameters
         if (
-            args or kwargs or self._rows is not None or self._dora_live
+            args or kwargs or self._dora_live
             or type(base) is not nn.Linear or nn.Linear.forward is not _LINEAR_FORWARD or "forward" in base.__dict__
             or base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
             or _global_forward_hooks or _global_forward_pre_hooks
@@ -99,6 +102,8 @@ class Linear(LoraLayer):
         ):
             return super().forward(x, *args, **kwargs)
         out = F.linear(x, params["weight"], params["bias"])
+        if self._rows is not None:
+            return self._routed(out, x, self._rows)
         live = self._live
         if not live:
             return out
@@ -143,11 +148,38 @@ class Linear(LoraLayer):
         except KeyError:
             return super()._factor_list(names)
 
+    def _row_tensors(self, present: Sequence[str]) -> list[Tensor]:
+        """The factors, then the ``lora_bias`` terms of the adapters that have one (see :meth:`_stack_extra`)."""
+        B = self._modules["lora_B"]._modules
+        biases = [B[n]._parameters.get("bias") for n in present]
+        return self._factor_list(present) + [b for b in biases if b is not None]
+
+    def _stack_extra(self, names: Sequence[str]) -> Optional[Tensor]:
+        """``scaling·b`` of each adapter's ``lora_bias`` as ``(K+1, out)`` (zeros for slot 0 and adapters without
+        one); ``None`` when no adapter in ``names`` has one."""
+        factors = self._modules["lora_B"]._modules
+        biases = [factors[n]._parameters.get("bias") if n in factors else None for n in names]
+        if biases.count(None) == len(biases):
+            return None
+        given = [b for b in biases if b is not None]
+        dtype = functools.reduce(torch.promote_types, [b.dtype for b in given])
+        zero = given[0].new_zeros(given[0].shape, dtype=dtype)
+        return torch.stack([zero] + [zero if b is None else (b * self.scaling[n]).to(dtype)
+                                     for n, b in zip(names, biases)])
+
+    def _watched(self, present: Sequence[str]) -> bool:
+        """Watched where every factor module's weight is a parameter registered in a watched table (a
+        parametrized weight is computed from other tensors at every read: not watched)."""
+        A, B = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
+        factors = chain(map(A.__getitem__, present), map(B.__getitem__, present))
+        return self._own_tables_watched() and type(A) is WatchedTable and type(B) is WatchedTable and all(
+            type(m._parameters) is WatchedTable and "weight" in m._parameters for m in factors)
+
     def _add_row_outputs(self, out: Tensor, x: Tensor, rows: RowAdapters) -> Tensor:
         index = rows.for_batch(x.shape[0])
-        A_stack, B_stack = self._stacked_factors(rows.names)
-        if x.dtype != A_stack.dtype:
-            x = x.to(A_stack.dtype)
+        stacks = self._stacked_factors(rows.names)
+        if x.dtype != stacks.A.dtype:
+            x = x.to(stacks.A.dtype)
         if self.training:
             p = x.new_tensor([0.0] + [self.dropout_p.get(n, 0.0) for n in rows.names])[index]
             if p.any():
@@ -155,16 +187,11 @@ class Linear(LoraLayer):
                 x = x * torch.bernoulli((1 - p).expand_as(x)) / (1 - p)
         n = x.shape[0]
         if rows.in_order and n == len(rows.names):  # row i runs adapter i: the stacks as they are
-            out = add_lora_rows(out, x, A_stack[1:], B_stack[1:])
+            out = add_lora_rows(out, x, stacks.A_rows_t, stacks.B_rows_t)
         elif (groups := rows.groups(n)) is not None:  # rows grouped by adapter, base rows left out
-            out = add_lora_groups(out, x, groups.take, groups.dest, groups.src, A_stack[groups.slots],
-                                  B_stack[groups.slots])
-        factors = self._modules["lora_B"]._modules  # each adapter's lora_bias, read without a call per adapter
-        biases = [factors[n]._parameters.get("bias") if n in factors else None for n in rows.names]
-        if biases.count(None) == len(biases):
+            out = add_lora_groups(out, x, groups.take, groups.dest, groups.src, stacks.A[groups.slots],
+                                  stacks.B[groups.slots])
+        if stacks.extra is None:
             return out
-        zero = out.new_zeros(out.shape[-1])  # lora_bias adapters: each row adds its adapter's s·b
-        stack = torch.stack([zero] + [zero if b is None else (b * self.scaling[n]).to(out.dtype)
-                                      for n, b in zip(rows.names, biases)])
-        per_row = rows.rows_of(stack, x.shape[0])
+        per_row = rows.rows_of(stacks.extra, n).to(out.dtype)  # lora_bias: each row adds its adapter's s·b
         return out + per_row.view(per_row.shape[0], *([1] * (out.dim() - 2)), out.shape[-1])

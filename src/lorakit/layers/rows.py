@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["RowAdapters", "RowGroups", "StackCache"]
+__all__ = ["RowAdapters", "RowGroups", "StackCache", "Stacks", "WatchedTable", "note_data_swap", "table_writes",
+           "watched"]
+
+
+class Stacks(NamedTuple):
+    """A layer's factors stacked over a batch's adapters (:meth:`lorakit.layers.LoraLayer._stacked_factors`)."""
+
+    A: Tensor  #: ``(K+1, r, in)``, slot 0 (the base model) zeros
+    B: Tensor  #: ``scaling·B``, ``(K+1, out, r)``
+    extra: Optional[Tensor]  #: what the layer kind stacks beside them (a Linear's ``lora_bias`` terms), or None
+    A_rows_t: Tensor  #: ``A[1:]`` transposed, ``(K, in, r)``: row ``i`` of an in-order batch runs slot ``i+1``
+    B_rows_t: Tensor  #: ``B[1:]`` transposed, ``(K, r, out)``
 
 
 @dataclass(frozen=True)
@@ -80,8 +91,11 @@ class RowAdapters:
     @classmethod
     def from_names(cls, adapter_names: Sequence[str], base: str, device: torch.device,
                    copies: bool = False) -> "RowAdapters":
-        names = tuple(dict.fromkeys(n for n in adapter_names if n != base))
-        slots = tuple(0 if n == base else names.index(n) + 1 for n in adapter_names)
+        slot_of = {base: 0}
+        for n in adapter_names:
+            slot_of.setdefault(n, len(slot_of))  # distinct adapters numbered 1, 2, … in order of first use
+        names = tuple(n for n in slot_of if n != base)
+        slots = tuple(map(slot_of.__getitem__, adapter_names))
         index = torch.tensor(slots, device=device)
         return cls(names, index, in_order=list(adapter_names) == list(names), copies=copies, slots=slots)
 
@@ -116,28 +130,137 @@ class RowAdapters:
 
 _version = operator.attrgetter("_version")
 
+#: how many writes :class:`WatchedTable` tables have seen, process-wide (a stack cache built at one count is
+#: checked at the next step by comparing one integer instead of re-reading every factor)
+_TABLE_WRITES = [0]
+_DATA_SWAPS = [0]  # see note_data_swap
+
+
+def table_writes() -> int:
+    """The number of writes to watched tables so far (see :class:`WatchedTable`)."""
+    return _TABLE_WRITES[0]
+
+
+def note_data_swap() -> None:
+    """Count a change that gives factors new data without a table write or a version bump (``Module._apply``
+    sets ``.data`` under ``.to()``/``.half()``): every stack cache is rebuilt at its next check."""
+    _DATA_SWAPS[0] += 1
+
+
+class WatchedTable(dict):
+    """A module's table (``_parameters`` of a factor, ``_modules`` of ``lora_A``/``lora_B``, ``_parameters`` of a
+    ParameterDict of factors) that counts every write.
+
+    Every way a factor tensor can be replaced ends in such a write: ``module.weight = …`` and
+    ``load_state_dict(assign=True)`` (``register_parameter``), ``del``, parametrizations, ``torch.func.
+    functional_call`` and ``Module._apply`` with new tensors (direct item writes), ``lora_A[name] = …``
+    (``add_module``). A mixed batch's stack cache then checks one counter per step for all of them, plus the
+    version counters of the factors for in-place updates (see :class:`StackCache`). Reads are a plain dict's.
+    """
+
+    __slots__ = ()
+
+    def __setitem__(self, key, value) -> None:
+        _TABLE_WRITES[0] += 1
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key) -> None:
+        _TABLE_WRITES[0] += 1
+        dict.__delitem__(self, key)
+
+    def __ior__(self, other):
+        _TABLE_WRITES[0] += 1
+        return dict.__ior__(self, other)
+
+    def pop(self, *args):
+        _TABLE_WRITES[0] += 1
+        return dict.pop(self, *args)
+
+    def popitem(self):
+        _TABLE_WRITES[0] += 1
+        return dict.popitem(self)
+
+    def clear(self) -> None:
+        _TABLE_WRITES[0] += 1
+        dict.clear(self)
+
+    def update(self, *args, **kwargs) -> None:
+        _TABLE_WRITES[0] += 1
+        dict.update(self, *args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        _TABLE_WRITES[0] += 1
+        return dict.setdefault(self, key, default)
+
+
+def watched(module: nn.Module, table: str = "_modules") -> nn.Module:
+    """``module`` with its ``table`` (``_modules`` or ``_parameters``) made a :class:`WatchedTable` (same contents)."""
+    state = vars(module)
+    state[table] = WatchedTable(state[table])
+    return module
+
+
+def _no_cache() -> None:
+    """What a pickled :class:`StackCache` loads as: nothing (see ``StackCache.__deepcopy__``)."""
+    return None
+
 
 class StackCache:
     """A layer's stacked factors for one list of adapter names, with what they were built from.
 
-    Valid while the names, the scalings and the factor tensors are the same: the same objects (holding them keeps
-    their ids from being reused; a replaced parameter is a new object) at the same version counters (an in-place
-    update, such as an optimizer step or ``load_state_dict``, bumps them). Scalings held as tensors (prepared for
-    compiled hotswap) are compared the same way: a hotswap writes them in place. The checks run in C loops: a mixed
-    batch of 32 adapters checks 64 tensors per layer per step.
+    Valid while the names, the scalings and the factor tensors are the same: the same objects at the same version
+    counters (an in-place update, such as an optimizer step, a hotswap or ``load_state_dict``, bumps them; holding
+    the tensors keeps their ids from being reused). Scalings held as tensors (prepared for compiled hotswap) are
+    compared the same way: a hotswap writes them in place.
+
+    Checked at every step, so the check must touch few objects: a mixed batch of 32 adapters holds 64 factor
+    tensors per layer, and with the interpreter's data out of cache after every layer's weights streamed through,
+    each object touched costs a cache miss (re-reading each factor from its module cost about a microsecond).
+    Where the scalings and every table the factors are read through are :class:`WatchedTable` (``watched``), no
+    write to any watched table since the last check means no factor or scaling was replaced: one integer compared.
+    The version counters are still read at every step (nothing else sees an in-place write), through aliases that
+    lie together in memory. Otherwise, or after any counted write, the factors and scalings are re-read and
+    compared (``reread``).
     """
 
-    def __init__(self, names: Sequence[str], scalings: list, tensors: list, stacks: tuple[Tensor, Tensor]) -> None:
-        self.names, self.scalings, self.tensors, self.stacks = tuple(names), scalings, tensors, stacks
-        self.versions = list(map(_version, tensors))
-        self.scaling_versions = [getattr(s, "_version", None) for s in scalings]
+    def __init__(self, names: Sequence[str], present: list, scaling: dict, tensors: list, stacks: tuple,
+                 watched: bool) -> None:
+        self.names, self.present, self.tensors, self.stacks, self.watched = (
+            tuple(names), present, tensors, stacks, watched)
+        self.scaling_table = scaling
+        self.scalings = list(map(scaling.get, self.names))
+        self.writes, self.swaps = _TABLE_WRITES[0], _DATA_SWAPS[0]
+        # Versions are read through aliases made here (``detach()`` shares the tensor's version counter): their
+        # Python and tensor objects lie together in memory, the factors' own are scattered over the heap. About
+        # half the time of reading the factors' counters directly.
+        self.aliases = [t.detach() for t in tensors]
+        self.versions = list(map(_version, self.aliases))
+        self.scaling_aliases = [s.detach() for s in self.scalings if isinstance(s, Tensor)]
+        self.scaling_versions = list(map(_version, self.scaling_aliases))
 
-    def matches(self, names: Sequence[str], scalings: list, tensors: list) -> bool:
-        return (
-            self.names == tuple(names)
-            and self.scalings == scalings
-            and len(self.tensors) == len(tensors)
-            and all(map(operator.is_, self.tensors, tensors))
-            and self.versions == list(map(_version, tensors))
-            and self.scaling_versions == [getattr(s, "_version", None) for s in scalings]
-        )
+    def __deepcopy__(self, memo: dict) -> None:
+        """A copy of the layer starts without stacks: the aliases would not share the copied factors' counters."""
+        return None
+
+    def __reduce__(self):
+        return _no_cache, ()
+
+    def current(self, names: Sequence[str], scaling: dict, reread) -> bool:
+        """Whether the stacks are still those of ``names`` with the layer's ``scaling`` table and its factors as
+        ``reread(present)`` lists them now (called only when not watched or after a counted write)."""
+        if not (
+            self.names == names
+            and scaling is self.scaling_table
+            and self.swaps == _DATA_SWAPS[0]
+            and list(map(_version, self.aliases)) == self.versions
+            and list(map(_version, self.scaling_aliases)) == self.scaling_versions
+        ):
+            return False
+        if self.watched and self.writes == _TABLE_WRITES[0]:
+            return True
+        tensors = reread(self.present)
+        if (tensors is None or len(tensors) != len(self.tensors) or not all(map(operator.is_, self.tensors, tensors))
+                or not all(map(operator.is_, map(scaling.get, self.names), self.scalings))):
+            return False  # a scaling set again, even to an equal value, may be a new tensor to follow: rebuild
+        self.writes = _TABLE_WRITES[0]  # all the same: no need to re-read them until the next counted write
+        return True
