@@ -64,7 +64,6 @@ class RowRouting:
             return cache.stacks
         present = [n for n in names if n in self.r]
         tensors = self._row_tensors(present)
-        scalings = [self.scaling.get(n) for n in names]
         k = len(present)
         pairs = dict(zip(present, zip(tensors[:k], tensors[k:2 * k])))
         any_A, any_B = tensors[0], tensors[k]
