@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lorakit.layers import Embedding, Linear, RowAdapters
-from lorakit.layers.rows import WatchedTable, table_writes
+from lorakit.layers.rows import WatchedTable, note_data_swap, table_writes
 from reference import dense_delta, dense_linear
 
 NAMES = ["b", "__base__", "a", "c", "a"]  # grouped rows
@@ -92,6 +92,18 @@ def test_in_place_write_by_hand_is_seen(names):
     check(layer, names)
     with torch.no_grad():
         layer.lora_A["a"].weight[0, 0] += 1  # a write through a view
+    check(layer, names)
+
+
+def test_writes_through_data_are_seen_after_note_data_swap(names):
+    """``p.data.copy_(…)`` and ``p.data = …`` bypass PyTorch's version counters (nothing can see them cheaply): the
+    documented remedy, :func:`note_data_swap`, makes the next batch rebuild its stacks."""
+    layer = cached(names)
+    layer.lora_B["c"].weight.data.copy_(torch.randn_like(layer.lora_B["c"].weight))
+    note_data_swap()
+    check(layer, names)
+    layer.lora_A["a"].weight.data = torch.randn_like(layer.lora_A["a"].weight)
+    note_data_swap()
     check(layer, names)
 
 
