@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lorakit.layers import Linear
-from reference import dense_linear, dense_update
+from reference import dense_update
 
 
 def make_layer(adapters=("a",), dtype=torch.float64, dropout=0.0, lora_bias=False, bias=True):
