@@ -121,9 +121,8 @@ class Linear(LoraLayer):
                 out = self._add_adapter_output(out, x, name)
             elif one_row:  # batch-1 decode: three ops, no views (each op's call costs as much as its maths)
                 out = out.add_(F.linear(F.linear(x, A), B), alpha=scaling)
-            else:  # add_lora(out, F.linear(x, A), B, scaling): in place, without a temporary as large as out
-                h = F.linear(x, A)
-                out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.T, alpha=scaling)
+            else:  # in place (no autograd, contiguous out): no temporary as large as out
+                out = add_lora(out, F.linear(x, A), B, scaling)
         return out
 
     def _add_adapter_output(self, out: Tensor, x: Tensor, adapter_name: str) -> Tensor:
